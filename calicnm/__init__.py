@@ -1,0 +1,3 @@
+"""calicnm: Calico-style routed container networking for Docker (CNM)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,390 @@
+"""``calicnm``: the operator's command line (in the spirit of calicoctl).
+
+The composition root for CLI commands: it parses arguments, builds the
+store from the shared settings, runs one command and turns any
+``CalicnmError`` into a one-line message on stderr with exit status 1
+(argument errors exit 2, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from calicnm import keys, table
+from calicnm.config import Config, add_arguments
+from calicnm.datastore import EtcdStore
+from calicnm.errors import CalicnmError, InvalidRequest, NotFound
+from calicnm.ipam import Allocator
+from calicnm.model import Endpoint, Host, Network, Pool, parse_address, parse_network
+from calicnm.services import build_store, setup_logging
+
+ETCD_SETTINGS = ["etcd_endpoints", "etcd_trusted_ca_file", "etcd_cert_file", "etcd_key_file"]
+NODE_SETTINGS = [
+    *ETCD_SETTINGS,
+    "hostname",
+    "ip",
+    "socket",
+    "log_level",
+    "state_dir",
+    "docker_host",
+    "no_default_pools",
+]
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = Config.from_env(args)
+        self._store: EtcdStore | None = None
+
+    @property
+    def store(self) -> EtcdStore:
+        if self._store is None:
+            self._store = build_store(self.config, timeout=3.0)
+        return self._store
+
+    @property
+    def ipam(self) -> Allocator:
+        return Allocator(self.store, self.config.hostname)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def out(text: str) -> None:
+    print(text)
+
+
+def emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+# ---- node -----------------------------------------------------------------
+
+
+def cmd_node_run(ctx: Context) -> int:
+    from calicnm.node import Node
+
+    setup_logging(ctx.config.log_level)
+    return Node(ctx.config).run()
+
+
+def cmd_node_show(ctx: Context) -> int:
+    hosts = [
+        Host.from_json(kv.value) for kv in ctx.store.list(keys.HOSTS) if kv.key.endswith("/meta")
+    ]
+    counts: dict[str, int] = {}
+    for kv in ctx.store.list(keys.HOSTS):
+        if "/endpoints/" in kv.key:
+            host = keys.host_of_endpoint_key(kv.key)
+            counts[host] = counts.get(host, 0) + 1
+    if ctx.args.json:
+        emit_json([{"name": h.name, "ip": h.ip, "endpoints": counts.get(h.name, 0)} for h in hosts])
+        return 0
+    out(
+        table.render(
+            ["Hostname", "IPv4", "Endpoints"],
+            [[h.name, h.ip or "", counts.get(h.name, 0)] for h in hosts],
+        )
+    )
+    return 0
+
+
+# ---- status ----------------------------------------------------------------
+
+
+def plugin_activate(path: str, timeout: float = 3.0) -> dict[str, Any]:
+    """POST Plugin.Activate on the plugin socket, as Docker does."""
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(path)
+            self.sock = sock
+
+    conn = Conn("localhost", timeout=timeout)
+    try:
+        conn.request("POST", "/Plugin.Activate", body=b"")
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+    return data if isinstance(data, dict) else {}
+
+
+def cmd_status(ctx: Context) -> int:
+    ok = True
+    path = ctx.config.socket
+    try:
+        implements = plugin_activate(path).get("Implements", [])
+        out(f"calicnm plugin is answering on {path} (implements {', '.join(implements)})")
+    except OSError as exc:
+        ok = False
+        out(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
+    try:
+        endpoints = ctx.store.list(keys.endpoints_prefix(ctx.config.hostname))
+        out(f"etcd is reachable at {ctx.store.describe()}")
+        out(f"host {ctx.config.hostname}: {len(endpoints)} endpoint(s)")
+    except CalicnmError as exc:
+        ok = False
+        out(f"etcd: {exc}")
+    return 0 if ok else 1
+
+
+# ---- pool ------------------------------------------------------------------
+
+
+def cmd_pool_add(ctx: Context) -> int:
+    for text in ctx.args.cidrs:
+        pool = Pool(parse_network(text, "pool"), disabled=ctx.args.disabled)
+        ctx.ipam.add_pool(pool)
+        out(f"Added pool {pool.cidr}")
+    return 0
+
+
+def cmd_pool_remove(ctx: Context) -> int:
+    for text in ctx.args.cidrs:
+        cidr = parse_network(text, "pool")
+        ctx.ipam.remove_pool(cidr)
+        out(f"Removed pool {cidr}")
+    return 0
+
+
+def cmd_pool_show(ctx: Context) -> int:
+    pools = sorted(ctx.ipam.pools(), key=lambda p: p.cidr)
+    if ctx.args.json:
+        emit_json([json.loads(p.to_json()) for p in pools])
+        return 0
+    out(table.render(["IPv4 CIDR", "Options"], [[str(p.cidr), ",".join(p.options)] for p in pools]))
+    return 0
+
+
+# ---- endpoint --------------------------------------------------------------
+
+
+def _networks(store: EtcdStore) -> dict[str, Network]:
+    return {n.id: n for n in (Network.from_json(kv.value) for kv in store.list(keys.NETWORKS))}
+
+
+def _network_label(network: Network | None, network_id: str) -> str:
+    if network is None:
+        return f"(deleted) {network_id[:12]}"
+    return network.docker_name or f"(unnamed) {network_id[:12]}"
+
+
+def cmd_endpoint_show(ctx: Context) -> int:
+    prefix = keys.endpoints_prefix(ctx.args.host) if ctx.args.host else keys.HOSTS
+    endpoints = [
+        Endpoint.from_json(kv.value) for kv in ctx.store.list(prefix) if "/endpoints/" in kv.key
+    ]
+    networks = _networks(ctx.store)
+    if ctx.args.json:
+        rows = []
+        for ep in endpoints:
+            data = json.loads(ep.to_json())
+            net = networks.get(ep.network_id)
+            data["network"] = net.docker_name if net else None
+            data["profile"] = net.profile_name if net else None
+            rows.append(data)
+        emit_json(rows)
+        return 0
+    if ctx.args.detailed:
+        headers = [
+            "Hostname",
+            "Network",
+            "Profile",
+            "Endpoint ID",
+            "Interface",
+            "IPv4",
+            "MAC",
+            "Gateway",
+        ]
+        rows2: list[list[object]] = []
+        for ep in endpoints:
+            net = networks.get(ep.network_id)
+            rows2.append(
+                [
+                    ep.host,
+                    _network_label(net, ep.network_id),
+                    (net.profile_name if net else "") or "",
+                    ep.id,
+                    ep.interface,
+                    ",".join(f"{a}/32" for a in ep.ipv4),
+                    ep.mac,
+                    ep.gateway or "",
+                ]
+            )
+        out(table.render(headers, rows2))
+        return 0
+    headers = ["Hostname", "Network", "Endpoint ID", "Interface", "IPv4", "MAC"]
+    out(
+        table.render(
+            headers,
+            [
+                [
+                    ep.host,
+                    _network_label(networks.get(ep.network_id), ep.network_id),
+                    ep.id[:12],
+                    ep.interface,
+                    ",".join(f"{a}/32" for a in ep.ipv4),
+                    ep.mac,
+                ]
+                for ep in endpoints
+            ],
+        )
+    )
+    return 0
+
+
+# ---- ipam ------------------------------------------------------------------
+
+
+def cmd_ipam_info(ctx: Context) -> int:
+    info = ctx.ipam.info(parse_address(ctx.args.ip, "IP"))
+    if info.pool is None:
+        raise NotFound(f"{info.address} is not in any calicnm pool")
+    if ctx.args.json:
+        emit_json(
+            {
+                "address": str(info.address),
+                "pool": str(info.pool.cidr),
+                "block": str(info.block.cidr) if info.block else None,
+                "affinity": info.block.affinity if info.block else None,
+                "handle": info.holder.handle if info.holder else None,
+                "kind": info.holder.kind if info.holder else None,
+            }
+        )
+        return 0
+    out(f"IP {info.address} is in pool {info.pool.cidr}")
+    if info.block is None:
+        out("Its block has not been claimed by any host: the address is free.")
+    else:
+        out(f"Block {info.block.cidr}, affinity {info.block.affinity or 'none'}")
+        if info.holder is None:
+            out("The address is free.")
+        else:
+            out(f"Assigned: {info.holder.kind}, owner (handle) {info.holder.handle}")
+    return 0
+
+
+def cmd_ipam_release(ctx: Context) -> int:
+    addr = parse_address(ctx.args.ip, "IP")
+    if not ctx.ipam.release(addr):
+        raise NotFound(f"{addr} is not assigned")
+    out(f"Address {addr} released")
+    return 0
+
+
+def cmd_ipam_show(ctx: Context) -> int:
+    blocks = ctx.ipam.blocks()
+    rows = []
+    for pool in sorted(ctx.ipam.pools(), key=lambda p: p.cidr):
+        mine = [b for b in blocks if b.cidr.subnet_of(pool.cidr)]
+        used = sum(len(b.allocations) for b in mine)
+        rows.append(
+            {
+                "pool": str(pool.cidr),
+                "size": pool.cidr.num_addresses,
+                "blocks": len(mine),
+                "in_use": used,
+            }
+        )
+    if ctx.args.json:
+        emit_json(rows)
+        return 0
+    out(
+        table.render(
+            ["Pool", "Addresses", "Blocks claimed", "In use"],
+            [[r["pool"], r["size"], r["blocks"], r["in_use"]] for r in rows],
+        )
+    )
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------
+
+Command = Callable[[Context], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calicnm", description="calicnm container networking")
+    add_arguments(parser, [*ETCD_SETTINGS, "hostname", "socket"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(parent: Any, name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    leaf(sub, "status", cmd_status, "is this host's calicnm up?")
+
+    node = sub.add_parser("node", help="run or inspect calicnm nodes")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    run = leaf(node_sub, "run", cmd_node_run, "run this host's node in the foreground")
+    add_arguments(run, NODE_SETTINGS, subcommand=True)
+    show = leaf(node_sub, "show", cmd_node_show, "list registered hosts")
+    show.add_argument("--json", action="store_true")
+
+    pool = sub.add_parser("pool", help="address pools")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    add = leaf(pool_sub, "add", cmd_pool_add, "add pools")
+    add.add_argument("cidrs", nargs="+", metavar="CIDR")
+    add.add_argument(
+        "--disabled", action="store_true", help="only for addresses asked for explicitly (--ip)"
+    )
+    rm = leaf(pool_sub, "remove", cmd_pool_remove, "remove pools with no address in use")
+    rm.add_argument("cidrs", nargs="+", metavar="CIDR")
+    pshow = leaf(pool_sub, "show", cmd_pool_show, "list pools")
+    pshow.add_argument("--json", action="store_true")
+
+    endpoint = sub.add_parser("endpoint", help="container endpoints")
+    ep_sub = endpoint.add_subparsers(dest="endpoint_command", required=True, metavar="ACTION")
+    eshow = leaf(ep_sub, "show", cmd_endpoint_show, "list endpoints")
+    eshow.add_argument("--host", help="only this host's endpoints")
+    eshow.add_argument("--detailed", action="store_true")
+    eshow.add_argument("--json", action="store_true")
+
+    ipam = sub.add_parser("ipam", help="address assignments")
+    ipam_sub = ipam.add_subparsers(dest="ipam_command", required=True, metavar="ACTION")
+    info = leaf(ipam_sub, "info", cmd_ipam_info, "who holds an address")
+    info.add_argument("ip")
+    info.add_argument("--json", action="store_true")
+    rel = leaf(ipam_sub, "release", cmd_ipam_release, "free an address by hand")
+    rel.add_argument("ip")
+    ishow = leaf(ipam_sub, "show", cmd_ipam_show, "pool usage")
+    ishow.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Context(args)
+    try:
+        fn: Command = args.fn
+        return fn(ctx)
+    except CalicnmError as exc:
+        print(f"calicnm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["InvalidRequest", "main"]

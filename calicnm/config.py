@@ -1,0 +1,131 @@
+"""Settings shared by the node, the plugin and the CLI.
+
+Each setting has one environment variable and one flag of the same meaning
+(``ETCD_ENDPOINTS`` / ``--etcd-endpoints`` ...).  Flags win over the
+environment; the node passes its final settings to the plugin process it
+starts through the same environment variables, so both always agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field, fields
+
+DEFAULT_SOCKET = "/run/docker/plugins/calicnm.sock"
+DEFAULT_STATE_DIR = "/var/lib/calicnm"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    help: str
+    default: str | None = None
+
+
+SETTINGS = {
+    "etcd_endpoints": Setting(
+        "ETCD_ENDPOINTS",
+        "--etcd-endpoints",
+        "comma-separated etcd URLs; unset: the node runs an embedded local etcd",
+    ),
+    "etcd_trusted_ca_file": Setting(
+        "ETCD_TRUSTED_CA_FILE", "--etcd-trusted-ca-file", "CA bundle for https etcd endpoints"
+    ),
+    "etcd_cert_file": Setting("ETCD_CERT_FILE", "--etcd-cert-file", "client certificate for etcd"),
+    "etcd_key_file": Setting("ETCD_KEY_FILE", "--etcd-key-file", "client key for etcd"),
+    "hostname": Setting(
+        "CALICNM_HOSTNAME", "--hostname", "this host's name in calicnm (default: host name)"
+    ),
+    "ip": Setting(
+        "CALICNM_IP", "--ip", "this host's address, as other hosts reach it (default: detected)"
+    ),
+    "socket": Setting("CALICNM_SOCKET", "--socket", "plugin socket path", DEFAULT_SOCKET),
+    "log_level": Setting(
+        "CALICNM_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING or ERROR", "INFO"
+    ),
+    "state_dir": Setting(
+        "CALICNM_STATE_DIR", "--state-dir", "node state (embedded etcd data)", DEFAULT_STATE_DIR
+    ),
+    "docker_host": Setting(
+        "DOCKER_HOST",
+        "--docker-host",
+        "Docker API socket, used to learn network names",
+        DEFAULT_DOCKER_HOST,
+    ),
+    "no_default_pools": Setting(
+        "CALICNM_NO_DEFAULT_POOLS",
+        "--no-default-pools",
+        "true: do not create the default pool 192.168.0.0/16",
+        "false",
+    ),
+}
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, names: list[str], subcommand: bool = False
+) -> None:
+    """Add the flags of ``names``.  On a subcommand an absent flag must not
+    overwrite the same flag given before the subcommand, hence SUPPRESS."""
+    default = argparse.SUPPRESS if subcommand else None
+    for name in names:
+        s = SETTINGS[name]
+        env_note = f" [env {s.env}]"
+        if name == "no_default_pools":
+            parser.add_argument(
+                s.flag,
+                dest=name,
+                action="store_const",
+                const="true",
+                default=default,
+                help=s.help + env_note,
+            )
+        else:
+            parser.add_argument(s.flag, dest=name, default=default, help=s.help + env_note)
+
+
+@dataclass(frozen=True)
+class Config:
+    etcd_endpoints: str | None = None
+    etcd_trusted_ca_file: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    ip: str | None = None
+    socket: str = DEFAULT_SOCKET
+    log_level: str = "INFO"
+    state_dir: str = DEFAULT_STATE_DIR
+    docker_host: str = DEFAULT_DOCKER_HOST
+    no_default_pools: str = "false"
+
+    @classmethod
+    def from_env(
+        cls, args: argparse.Namespace | None = None, environ: dict[str, str] | None = None
+    ) -> Config:
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for f in fields(cls):
+            s = SETTINGS[f.name]
+            flag_value = getattr(args, f.name, None) if args is not None else None
+            value = flag_value if flag_value is not None else env.get(s.env)
+            if value is None and f.name == "etcd_trusted_ca_file":
+                value = env.get("ETCD_CA_CERT_FILE")  # Calico's spelling
+            if value not in (None, ""):
+                values[f.name] = str(value)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child process these same settings."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[SETTINGS[f.name].env] = str(value)
+        return out
+
+    @property
+    def default_pools(self) -> bool:
+        return self.no_default_pools.lower() not in ("1", "true", "yes")

@@ -1,0 +1,248 @@
+"""The datastore boundary: a small key-value protocol and its etcd adapter.
+
+``Store`` is what the rest of calicnm sees: string keys, string values and
+the etcd ``mod_revision`` of each value, plus one atomic ``commit`` that
+compares revisions and applies puts and deletes together.  Compare-and-swap
+everywhere is built on ``commit``.
+
+``EtcdStore`` is the only module that imports python-etcd3 (and grpc).  It
+translates every failure into calicnm errors: an unreachable cluster is
+``DatastoreUnavailable``; nothing else leaks a grpc or etcd3 exception.
+With several endpoints it fails over to the next one when a call cannot
+reach the current one, so a single dead member does not stop the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
+
+from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest
+
+_log = logging.getLogger(__name__)
+
+ABSENT = 0
+"""Revision to compare against in ``Txn.compare`` for "key must not exist"."""
+
+
+class KV(NamedTuple):
+    key: str
+    value: str
+    revision: int
+
+
+@dataclass
+class Txn:
+    """An all-or-nothing change: applied only if every compared key is still
+    at its revision (``ABSENT`` meaning it must not exist)."""
+
+    compare: list[tuple[str, int]] = field(default_factory=list)
+    puts: list[tuple[str, str]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+
+
+class Store(Protocol):
+    def get(self, key: str) -> KV | None: ...
+
+    def list(self, prefix: str) -> list[KV]: ...
+
+    def put(self, key: str, value: str) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def commit(self, txn: Txn) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def create(store: Store, key: str, value: str) -> bool:
+    """Write ``key`` only if it does not exist."""
+    return store.commit(Txn(compare=[(key, ABSENT)], puts=[(key, value)]))
+
+
+def replace(store: Store, key: str, value: str, revision: int) -> bool:
+    """Write ``key`` only if it is still at ``revision`` (ABSENT: create)."""
+    return store.commit(Txn(compare=[(key, revision)], puts=[(key, value)]))
+
+
+def delete_if(store: Store, key: str, revision: int) -> bool:
+    return store.commit(Txn(compare=[(key, revision)], deletes=[key]))
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    host: str
+    port: int
+    secure: bool
+
+
+def parse_endpoints(text: str) -> list[EtcdEndpoint]:
+    """Parse ``ETCD_ENDPOINTS``: comma-separated ``http(s)://host:port``."""
+    endpoints = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "://" not in item:
+            item = "http://" + item
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest(f"ETCD_ENDPOINTS entry {raw.strip()!r} is not http(s)://host:port")
+        try:
+            port = parts.port or 2379
+        except ValueError as exc:
+            raise InvalidRequest(f"ETCD_ENDPOINTS entry {raw.strip()!r} has a bad port") from exc
+        endpoints.append(EtcdEndpoint(parts.hostname, port, parts.scheme == "https"))
+    if not endpoints:
+        raise InvalidRequest("ETCD_ENDPOINTS is empty")
+    return endpoints
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class EtcdStore:
+    """python-etcd3 behind the ``Store`` protocol.
+
+    Thread-safe: grpc channels are; the failover index is guarded.  Each call
+    has ``timeout`` seconds; a call that cannot reach any endpoint raises
+    ``DatastoreUnavailable`` naming them all.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[EtcdEndpoint],
+        tls: EtcdTLS | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._endpoints = endpoints
+        self._tls = tls or EtcdTLS()
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._current = 0
+        self._client: Any = None
+
+    def describe(self) -> str:
+        return ",".join(
+            f"{'https' if e.secure else 'http'}://{e.host}:{e.port}" for e in self._endpoints
+        )
+
+    def _connect(self, index: int) -> Any:
+        import etcd3
+
+        ep = self._endpoints[index]
+        kwargs: dict[str, Any] = {"host": ep.host, "port": ep.port, "timeout": self._timeout}
+        if ep.secure or self._tls.ca_file:
+            if not self._tls.ca_file:
+                raise InvalidRequest(
+                    f"etcd endpoint {ep.host}:{ep.port} is https but no CA file was given "
+                    "(ETCD_TRUSTED_CA_FILE)"
+                )
+            kwargs.update(
+                ca_cert=self._tls.ca_file,
+                cert_cert=self._tls.cert_file,
+                cert_key=self._tls.key_file,
+            )
+        try:
+            return etcd3.client(**kwargs)
+        except (ValueError, OSError) as exc:
+            raise InvalidRequest(f"cannot set up etcd TLS: {exc}") from exc
+
+    def _client_for(self, index: int) -> Any:
+        with self._lock:
+            if self._client is None or index != self._current:
+                if self._client is not None:
+                    self._client.close()
+                self._client = self._connect(index)
+                self._current = index
+            return self._client
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        import etcd3.exceptions as e3
+
+        start = self._current
+        failures = []
+        for step in range(len(self._endpoints)):
+            index = (start + step) % len(self._endpoints)
+            client = self._client_for(index)
+            try:
+                return fn(client)
+            except (e3.ConnectionFailedError, e3.ConnectionTimeoutError) as exc:
+                ep = self._endpoints[index]
+                failures.append(f"{ep.host}:{ep.port}")
+                _log.warning("etcd endpoint %s:%s unreachable: %s", ep.host, ep.port, exc)
+                last: Exception = exc
+            except e3.Etcd3Exception as exc:
+                raise CalicnmError(f"etcd error: {exc!r}") from exc
+            except Exception as exc:
+                # grpc errors without an etcd3 translation (e.g. UNKNOWN on a
+                # broken TLS handshake) are reachability problems too.
+                if type(exc).__module__.startswith("grpc"):
+                    failures.append(f"{self._endpoints[index].host}:{self._endpoints[index].port}")
+                    last = exc
+                    continue
+                raise
+        raise DatastoreUnavailable(
+            f"etcd is unreachable at {', '.join(failures)}: {type(last).__name__}"
+        ) from last
+
+    def get(self, key: str) -> KV | None:
+        value, meta = self._call(lambda c: c.get(key))
+        if meta is None:
+            return None
+        return KV(key, value.decode(), meta.mod_revision)
+
+    def list(self, prefix: str) -> list[KV]:
+        items = self._call(lambda c: list(c.get_prefix(prefix, sort_order="ascend")))
+        return [KV(m.key.decode(), v.decode(), m.mod_revision) for v, m in items]
+
+    def put(self, key: str, value: str) -> None:
+        self._call(lambda c: c.put(key, value))
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(lambda c: c.delete(key)))
+
+    def commit(self, txn: Txn) -> bool:
+        def run(c: Any) -> bool:
+            compare = []
+            for key, revision in txn.compare:
+                if revision == ABSENT:
+                    compare.append(c.transactions.version(key) == 0)
+                else:
+                    compare.append(c.transactions.mod(key) == revision)
+            success = [c.transactions.put(k, v) for k, v in txn.puts]
+            success += [c.transactions.delete(k) for k in txn.deletes]
+            ok, _ = c.transaction(compare=compare, success=success, failure=[])
+            return bool(ok)
+
+        return bool(self._call(run))
+
+    def revision(self) -> int:
+        """The cluster's current revision (cheap; used as a liveness probe)."""
+        return int(self._call(lambda c: c.status()).raft_index)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Re-raise anything that escaped translation as a CalicnmError."""
+    try:
+        yield
+    except CalicnmError:
+        raise
+    except Exception as exc:
+        raise CalicnmError(f"datastore failure: {exc!r}") from exc

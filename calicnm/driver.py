@@ -1,0 +1,408 @@
+"""The libnetwork driver: Docker's NetworkDriver and IpamDriver calls.
+
+Each method takes the decoded JSON body of one call and returns the JSON
+object to send back; it raises a ``CalicnmError`` for anything that fails.
+HTTP is not known here (``plugin_api`` is the web layer), which keeps the
+whole protocol testable without a server.
+
+State lives in etcd only, never in this process: Docker does not repeat a
+handshake or a CreateNetwork after a plugin restart, so every call must be
+answerable from the datastore alone.
+
+Ordering for "nothing half-made": CreateEndpoint writes the endpoint record
+and then builds the veth; if the kernel refuses, the record is deleted
+again and Docker releases the address.  DeleteEndpoint removes the veth
+before the record, so a failure leaves a record that a retry can finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any
+
+from calicnm import keys
+from calicnm.datastore import Store, create
+from calicnm.endpoint import (
+    check_id,
+    choose_gateway,
+    derive_mac,
+    join_response,
+    normalise_mac,
+    plan_link,
+)
+from calicnm.errors import (
+    CalicnmError,
+    DataplaneError,
+    InvalidRequest,
+    NotFound,
+    Unsupported,
+)
+from calicnm.ipam import Allocator, PoolRef
+from calicnm.model import Endpoint, IPv4Network, Network, parse_address, parse_network
+
+_log = logging.getLogger(__name__)
+
+LOCAL_ADDRESS_SPACE = "CalicnmLocal"
+GLOBAL_ADDRESS_SPACE = "CalicnmGlobal"
+GATEWAY_OPTION = "com.docker.network.gateway"
+REQUEST_TYPE_OPTION = "RequestAddressType"
+GENERIC_OPTIONS = "com.docker.network.generic"
+PENDING_HANDLE = "docker-pending"
+"""Owner of an address Docker asked for but no endpoint has claimed yet
+(an aux address, or an endpoint between RequestAddress and CreateEndpoint)."""
+
+NETWORK_OPTIONS = {
+    "profile": "name of the profile (defaults to the Docker network name)",
+    "mtu": "MTU of the container interfaces (576-9000)",
+    "com.docker.network.driver.mtu": "same as mtu",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _obj(body: Any, what: str = "request body") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], key: str, required: bool = True) -> str:
+    value = body.get(key)
+    if value is None or value == "":
+        if required:
+            raise InvalidRequest(f"{key} is required")
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string")
+    return value
+
+
+def _opt_dict(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{key} must be a JSON object")
+    return value
+
+
+def check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise InvalidRequest(
+            f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def parse_network_options(generic: dict[str, Any]) -> tuple[str | None, int | None]:
+    """Validate ``-o`` options: returns (profile, mtu)."""
+    unknown = sorted(set(generic) - set(NETWORK_OPTIONS))
+    if unknown:
+        known = ", ".join(k for k in NETWORK_OPTIONS if not k.startswith("com."))
+        raise InvalidRequest(
+            f"unknown network option(s) {', '.join(unknown)}; calicnm takes: {known}"
+        )
+    profile = generic.get("profile")
+    if profile is not None:
+        profile = check_name(str(profile), "-o profile")
+    mtu_text = generic.get("mtu", generic.get("com.docker.network.driver.mtu"))
+    mtu = None
+    if mtu_text is not None:
+        try:
+            mtu = int(str(mtu_text))
+        except ValueError:
+            raise InvalidRequest(f"-o mtu={mtu_text!r} is not a number") from None
+        if not 576 <= mtu <= 9000:
+            raise InvalidRequest(f"-o mtu={mtu} is outside 576-9000")
+    return profile, mtu
+
+
+class Plumbing(Protocol):
+    """What the driver needs from the kernel side (``plumbing.HostPlumbing``)."""
+
+    def create(self, plan: LinkPlan) -> None: ...
+
+    def remove(self, host_if: str, peer_if: str | None = None) -> bool: ...
+
+    def exists(self, ifname: str) -> bool: ...
+
+
+class Driver:
+    def __init__(self, store: Store, ipam: Allocator, plumbing: Plumbing, host: str) -> None:
+        self._store = store
+        self._ipam = ipam
+        self._plumbing = plumbing
+        self._host = host
+
+    # ---- handshake -------------------------------------------------------
+
+    def activate(self, body: Any) -> dict[str, Any]:
+        return {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+    def network_capabilities(self, body: Any) -> dict[str, Any]:
+        # Local scope: each host's dockerd owns its own network object and
+        # etcd (not Docker's cluster store) is what makes hosts agree.
+        return {"Scope": "local", "ConnectivityScope": "local"}
+
+    def ipam_capabilities(self, body: Any) -> dict[str, Any]:
+        # Allocations persist in etcd, so Docker need not replay requests.
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    def default_address_spaces(self, body: Any) -> dict[str, Any]:
+        return {
+            "LocalDefaultAddressSpace": LOCAL_ADDRESS_SPACE,
+            "GlobalDefaultAddressSpace": GLOBAL_ADDRESS_SPACE,
+        }
+
+    # ---- IPAM ------------------------------------------------------------
+
+    def request_pool(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        if req.get("V6"):
+            raise Unsupported(
+                "calicnm does not support IPv6 yet; create the network without --ipv6"
+            )
+        opts = _opt_dict(req, "Options")
+        if opts:
+            raise InvalidRequest(
+                f"unknown --ipam-opt {', '.join(sorted(opts))}; calicnm IPAM takes no options "
+                "(choose addresses with --subnet and --ip-range)"
+            )
+        pool_text = _str(req, "Pool", required=False)
+        sub_text = _str(req, "SubPool", required=False)
+        subnet = parse_network(pool_text, "--subnet") if pool_text else None
+        ip_range = parse_network(sub_text, "--ip-range") if sub_text else None
+        ref = self._ipam.request_pool(subnet, ip_range)
+        _log.info("pool requested pool_id=%s", ref.pool_id)
+        return {
+            "PoolID": ref.pool_id,
+            "Pool": ref.docker_pool,
+            # Containers route through a link-local gateway, so that is the
+            # honest network gateway, and Docker then allocates none.
+            "Data": {GATEWAY_OPTION: "169.254.1.1/32"},
+        }
+
+    def release_pool(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        PoolRef.parse(req.get("PoolID"))  # nothing is reference-counted
+        return {}
+
+    def request_address(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        ref = PoolRef.parse(req.get("PoolID"))
+        address_text = _str(req, "Address", required=False)
+        opts = _opt_dict(req, "Options")
+        is_gateway = opts.get(REQUEST_TYPE_OPTION) == GATEWAY_OPTION
+        address = parse_address(address_text) if address_text else None
+        if is_gateway:
+            if address is None:
+                return {"Address": "169.254.1.1/32", "Data": {}}
+            # An operator's --gateway: hold it so no container gets it.
+            self._ipam.assign(ref, f"gateway:{address}", kind="gateway", address=address)
+            prefix = ref.subnet.prefixlen if ref.subnet else 32
+            return {"Address": f"{address}/{prefix}", "Data": {}}
+        exclude: tuple[IPv4Network, ...] = ()
+        if ref.subnet is None and address is None:
+            exclude = tuple(net for n in self.networks() for net in n.subnets)
+        got = self._ipam.assign(ref, PENDING_HANDLE, address=address, exclude=exclude)
+        return {"Address": f"{got}/32", "Data": {}}
+
+    def release_address(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        PoolRef.parse(req.get("PoolID"))
+        address = parse_address(_str(req, "Address"))
+        self._ipam.release(address)
+        return {}
+
+    # ---- networks --------------------------------------------------------
+
+    def create_network(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        network_id = check_id(req.get("NetworkID"), "NetworkID")
+        options = _opt_dict(req, "Options")
+        generic = options.get(GENERIC_OPTIONS) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"Options.{GENERIC_OPTIONS} must be a JSON object")
+        profile, _mtu = parse_network_options(generic)
+        if req.get("IPv6Data"):
+            raise Unsupported("calicnm does not support IPv6 yet")
+        v4 = req.get("IPv4Data") or []
+        if not isinstance(v4, list) or not all(isinstance(d, dict) for d in v4):
+            raise InvalidRequest("IPv4Data must be a list of objects")
+        pools = []
+        for data in v4:
+            space = data.get("AddressSpace") or ""
+            if space and space not in (LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
+                raise InvalidRequest(
+                    "calicnm networks need calicnm IPAM: add --ipam-driver calicnm"
+                )
+            pool = _str(data, "Pool")
+            if pool != "0.0.0.0/0":
+                parse_network(pool, "IPv4Data.Pool")
+            pools.append(pool)
+        gateway = v4[0].get("Gateway") if v4 else None
+        network = Network(
+            id=network_id,
+            options={str(k): str(v) for k, v in generic.items()},
+            ipv4_pools=tuple(pools),
+            ipv4_gateway=gateway if isinstance(gateway, str) else None,
+            profile=profile,
+            internal=bool(options.get("com.docker.network.internal", False)),
+        )
+        if not create(self._store, keys.network(network_id), network.to_json()):
+            existing = self.network(network_id)
+            if existing.ipv4_pools != network.ipv4_pools:
+                raise InvalidRequest(f"network {network_id[:12]} already exists with other pools")
+        _log.info(
+            "network created network=%s pools=%s profile=%s",
+            network_id[:12],
+            ",".join(pools),
+            profile or "-",
+        )
+        return {}
+
+    def delete_network(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        network_id = check_id(req.get("NetworkID"), "NetworkID")
+        self._store.delete(keys.network(network_id))
+        _log.info("network deleted network=%s", network_id[:12])
+        return {}
+
+    def allocate_network(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        check_id(req.get("NetworkID"), "NetworkID")
+        return {"Options": _opt_dict(req, "Options")}
+
+    def free_network(self, body: Any) -> dict[str, Any]:
+        check_id(_obj(body).get("NetworkID"), "NetworkID")
+        return {}
+
+    def gw_alloc_check(self, body: Any) -> dict[str, Any]:
+        return {"SkipIPv4": True, "SkipIPv6": True}
+
+    def networks(self) -> list[Network]:
+        return [Network.from_json(kv.value) for kv in self._store.list(keys.NETWORKS)]
+
+    def network(self, network_id: str) -> Network:
+        kv = self._store.get(keys.network(network_id))
+        if kv is None:
+            raise NotFound(f"network {network_id[:12]} is not a calicnm network")
+        return Network.from_json(kv.value)
+
+    # ---- endpoints -------------------------------------------------------
+
+    def create_endpoint(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        network_id = check_id(req.get("NetworkID"), "NetworkID")
+        endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
+        iface = _opt_dict(req, "Interface")
+        if _str(iface, "AddressIPv6", required=False):
+            raise Unsupported("calicnm does not support IPv6 yet")
+        address = parse_address(_str(iface, "Address"), "Interface.Address")
+        given_mac = _str(iface, "MacAddress", required=False)
+        mac = normalise_mac(given_mac) if given_mac else derive_mac(endpoint_id)
+        network = self.network(network_id)
+        _profile, mtu = parse_network_options(network.options)
+        plan = plan_link(endpoint_id, mac, (address,))
+        if mtu:
+            plan = dataclasses.replace(plan, mtu=mtu)
+        endpoint = Endpoint(
+            id=endpoint_id,
+            host=self._host,
+            network_id=network_id,
+            interface=plan.host_if,
+            peer=plan.peer_if,
+            mac=mac,
+            ipv4=(address,),
+        )
+        key = keys.endpoint(self._host, endpoint_id)
+        if not create(self._store, key, endpoint.to_json()):
+            self._store.put(key, endpoint.to_json())  # Docker retried: take the new data
+        try:
+            self._plumbing.create(plan)
+        except CalicnmError:
+            self._store.delete(key)
+            raise
+        self._ipam.set_handle(address, endpoint_id)
+        _log.info(
+            "endpoint created network=%s endpoint=%s ip=%s if=%s",
+            network_id[:12],
+            endpoint_id[:12],
+            address,
+            plan.host_if,
+        )
+        return {} if given_mac else {"Interface": {"MacAddress": mac}}
+
+    def endpoint(self, endpoint_id: str) -> Endpoint:
+        kv = self._store.get(keys.endpoint(self._host, endpoint_id))
+        if kv is None:
+            raise NotFound(f"endpoint {endpoint_id[:12]} does not exist on host {self._host}")
+        return Endpoint.from_json(kv.value)
+
+    def endpoint_oper_info(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        endpoint = self.endpoint(check_id(req.get("EndpointID"), "EndpointID"))
+        return {"Value": {"HostInterface": endpoint.interface, "MacAddress": endpoint.mac}}
+
+    def delete_endpoint(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
+        plan = plan_link(endpoint_id, "", ())
+        self._plumbing.remove(plan.host_if, plan.peer_if)
+        self._store.delete(keys.endpoint(self._host, endpoint_id))
+        _log.info("endpoint deleted endpoint=%s", endpoint_id[:12])
+        return {}
+
+    def join(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        network_id = check_id(req.get("NetworkID"), "NetworkID")
+        endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
+        sandbox = _str(req, "SandboxKey")
+        endpoint = self.endpoint(endpoint_id)
+        network = self.network(network_id)
+        if not self._plumbing.exists(endpoint.peer):
+            raise DataplaneError(
+                f"interface {endpoint.peer} of endpoint {endpoint_id[:12]} is missing; "
+                "reconnect the container"
+            )
+        in_use = {
+            ep.gateway
+            for ep in self.local_endpoints()
+            if ep.sandbox == sandbox and ep.id != endpoint_id and ep.gateway
+        }
+        gateway = choose_gateway(in_use)
+        joined = dataclasses.replace(endpoint, sandbox=sandbox, gateway=gateway)
+        self._store.put(keys.endpoint(self._host, endpoint_id), joined.to_json())
+        _log.info(
+            "endpoint joined network=%s endpoint=%s gateway=%s",
+            network_id[:12],
+            endpoint_id[:12],
+            gateway,
+        )
+        return join_response(endpoint.peer, gateway, _subnets(network))
+
+    def leave(self, body: Any) -> dict[str, Any]:
+        req = _obj(body)
+        endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
+        kv = self._store.get(keys.endpoint(self._host, endpoint_id))
+        if kv is not None:
+            endpoint = Endpoint.from_json(kv.value)
+            left = dataclasses.replace(endpoint, sandbox=None, gateway=None)
+            self._store.put(kv.key, left.to_json())
+        _log.info("endpoint left endpoint=%s", endpoint_id[:12])
+        return {}
+
+    def no_op(self, body: Any) -> dict[str, Any]:
+        return {}
+
+    def local_endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint.from_json(kv.value)
+            for kv in self._store.list(keys.endpoints_prefix(self._host))
+        ]
+
+
+def _subnets(network: Network) -> list[IPv4Network]:
+    return network.subnets

@@ -1,0 +1,114 @@
+"""iptables through ``iptables-restore``: the only module that runs it.
+
+Why not python-iptables: libiptc only writes the *legacy* tables, and on a
+host whose ``iptables`` is the nf_tables backend (Debian 12's default, and
+dockerd's) those rules are invisible to ``iptables -S`` and interleave
+unpredictably with Docker's.  calicnm instead drives the same backend as the
+host's own ``iptables`` command, with whole-chain ``iptables-restore
+--noflush`` transactions (atomic per table, one process per change, never
+one process per rule) and ``--wait`` for the xtables lock.
+
+calicnm owns every chain whose name starts with ``calicnm-`` and touches
+nothing else except the single jump rules it inserts into kernel chains.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from calicnm.errors import DataplaneError
+
+_log = logging.getLogger(__name__)
+
+CHAIN_PREFIX = "calicnm-"
+MAX_CHAIN_NAME = 28
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "nf_tables" or "legacy"
+    save: str
+    restore: str
+    iptables: str
+
+
+def detect_backend() -> Backend:
+    """Use whatever the host's ``iptables`` command is."""
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        raise DataplaneError("iptables is not installed (apt-get install iptables)")
+    try:
+        version = subprocess.run(
+            [iptables, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DataplaneError(f"cannot run iptables --version: {exc}") from exc
+    name = "legacy" if "legacy" in version else "nf_tables"
+    suffix = "legacy" if name == "legacy" else "nft"
+    save = shutil.which(f"iptables-{suffix}-save") or "iptables-save"
+    restore = shutil.which(f"iptables-{suffix}-restore") or "iptables-restore"
+    binary = shutil.which(f"iptables-{suffix}") or iptables
+    return Backend(name, save, restore, binary)
+
+
+class Iptables:
+    def __init__(self, backend: Backend | None = None, timeout: float = 30.0) -> None:
+        self.backend = backend or detect_backend()
+        self._timeout = timeout
+
+    def restore(self, text: str) -> None:
+        """Apply a restore script atomically (per table), waiting for the lock."""
+        argv = [self.backend.restore, "--noflush", "--wait", "10"]
+        try:
+            proc = subprocess.run(
+                argv, input=text, capture_output=True, text=True, timeout=self._timeout
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DataplaneError(f"{argv[0]} failed to run: {exc}") from exc
+        if proc.returncode != 0:
+            raise DataplaneError(f"{argv[0]} rejected the update: {proc.stderr.strip()[:400]}")
+
+    def save(self, table: str = "filter") -> str:
+        argv = [self.backend.save, "-t", table]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self._timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DataplaneError(f"{argv[0]} failed to run: {exc}") from exc
+        if proc.returncode != 0:
+            raise DataplaneError(f"{argv[0]} failed: {proc.stderr.strip()[:400]}")
+        return proc.stdout
+
+
+def render(table: str, chains: dict[str, list[str]], extra: list[str] | None = None) -> str:
+    """A restore script that rewrites each chain in ``chains`` whole.
+
+    ``:<chain> - [0:0]`` creates or flushes the chain in the same
+    transaction that appends its rules, so a reader never sees it half
+    written.  ``extra`` lines (jump inserts or deletes) follow.
+    """
+    for name in chains:
+        if not name.startswith(CHAIN_PREFIX) or len(name) > MAX_CHAIN_NAME:
+            raise DataplaneError(f"refusing to write chain {name!r}: not a calicnm chain name")
+    lines = [f"*{table}"]
+    lines += [f":{name} - [0:0]" for name in chains]
+    for name, rules in chains.items():
+        lines += [f"-A {name} {rule}" for rule in rules]
+    lines += extra or []
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def jump_fixups(saved: str, parent: str, chain: str, position: int = 1) -> list[str]:
+    """Lines that leave exactly one ``-j chain`` at the top of ``parent``.
+
+    Reads back only our own unconditional jump (a rule iptables cannot
+    normalise differently), inserting it if missing and deleting duplicates.
+    """
+    rule = f"-A {parent} -j {chain}"
+    existing = [line for line in saved.splitlines() if line.strip() == rule]
+    if not existing:
+        return [f"-I {parent} {position} -j {chain}"]
+    return [f"-D {parent} -j {chain}"] * (len(existing) - 1)

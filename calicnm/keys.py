@@ -1,0 +1,85 @@
+"""The etcd key layout, version 1: the only place that spells a key.
+
+Every process (plugin, node, CLI, every host) reads and writes through these
+builders, so the layout is a contract between hosts running different
+releases.  Only backward-compatible additions belong here; a change of shape
+means a new ``/calicnm/v2`` root and a migration, not an edit.
+
+    /calicnm/v1/config/<name>                       global settings (JSON)
+    /calicnm/v1/ipam/v4/pools/<cidr>                Pool
+    /calicnm/v1/ipam/v4/blocks/<cidr>               Block (one CAS unit)
+    /calicnm/v1/ipam/v4/affinity/<host>/<cidr>      "" marker: host owns block
+    /calicnm/v1/networks/<network id>               Network (CreateNetwork data)
+    /calicnm/v1/hosts/<host>/meta                   Host registration
+    /calicnm/v1/hosts/<host>/endpoints/<id>         Endpoint on that host
+
+CIDRs appear in keys with ``/`` replaced by ``-`` (``10.0.0.0-26``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+ROOT = "/calicnm/v1"
+
+
+def _cidr(cidr: ipaddress.IPv4Network | str) -> str:
+    return str(cidr).replace("/", "-")
+
+
+def parse_cidr(token: str) -> ipaddress.IPv4Network:
+    """Inverse of the CIDR encoding used in keys."""
+    return ipaddress.IPv4Network(token.replace("-", "/"))
+
+
+def config(name: str) -> str:
+    return f"{ROOT}/config/{name}"
+
+
+POOLS = f"{ROOT}/ipam/v4/pools/"
+BLOCKS = f"{ROOT}/ipam/v4/blocks/"
+AFFINITY = f"{ROOT}/ipam/v4/affinity/"
+NETWORKS = f"{ROOT}/networks/"
+HOSTS = f"{ROOT}/hosts/"
+
+
+def pool(cidr: ipaddress.IPv4Network | str) -> str:
+    return POOLS + _cidr(cidr)
+
+
+def block(cidr: ipaddress.IPv4Network | str) -> str:
+    return BLOCKS + _cidr(cidr)
+
+
+def affinity_prefix(host: str) -> str:
+    return f"{AFFINITY}{host}/"
+
+
+def affinity(host: str, cidr: ipaddress.IPv4Network | str) -> str:
+    return affinity_prefix(host) + _cidr(cidr)
+
+
+def network(network_id: str) -> str:
+    return NETWORKS + network_id
+
+
+def host_meta(host: str) -> str:
+    return f"{HOSTS}{host}/meta"
+
+
+def endpoints_prefix(host: str) -> str:
+    return f"{HOSTS}{host}/endpoints/"
+
+
+def endpoint(host: str, endpoint_id: str) -> str:
+    return endpoints_prefix(host) + endpoint_id
+
+
+def last_segment(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def host_of_endpoint_key(key: str) -> str:
+    """``/calicnm/v1/hosts/<host>/endpoints/<id>`` -> ``<host>``."""
+    rest = key[len(HOSTS) :]
+    return rest.split("/", 1)[0]

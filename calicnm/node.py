@@ -1,0 +1,196 @@
+"""``calicnm node run``: one host's calicnm, in the foreground.
+
+Start order, each step bounded in time and failing with a one-line reason:
+1. kernel checks (rp_filter) and IP forwarding on;
+2. etcd: the cluster in ``ETCD_ENDPOINTS``, or an embedded single-member
+   etcd with data under the state dir when it is unset;
+3. defaults in etcd (the default pool) and this host's registration;
+4. the base iptables chains;
+5. the plugin (gunicorn on the Docker plugin socket; a stale socket is
+   removed first).
+
+Then a loop, level-triggered: name new networks, re-assert the base chains
+and host record, restart a child that died.  SIGTERM or SIGINT stops the
+children (plugin first, etcd last), removes the socket and exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+from calicnm import keys
+from calicnm.children import Child, embedded_etcd, gunicorn, wait_for
+from calicnm.config import Config
+from calicnm.datastore import EtcdStore
+from calicnm.docker_names import DockerAPI, NetworkNamer
+from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
+from calicnm.hostnet import BaseDataplane, check_kernel_settings, ensure_forwarding
+from calicnm.ipam import Allocator
+from calicnm.iptables import Iptables
+from calicnm.model import Host
+from calicnm.plumbing import host_addresses
+from calicnm.services import EMBEDDED_ETCD_URL, build_store
+
+_log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 10.0
+NAME_POLL_SECONDS = 1.0
+_SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
+
+
+def detect_ip(addresses: list[tuple[str, str]]) -> str | None:
+    """First global IPv4 address on an interface that is not calicnm's or
+    Docker's own (the address other hosts will reach this one at)."""
+    for ifname, addr in addresses:
+        if ifname.startswith(_SKIP_IFACES):
+            continue
+        ip = ipaddress.IPv4Address(addr)
+        if ip.is_loopback or ip.is_link_local:
+            continue
+        return addr
+    return None
+
+
+def register_host(store: EtcdStore, host: Host) -> None:
+    """Write this host's record; refuse an address another host claims."""
+    for kv in store.list(keys.HOSTS):
+        if not kv.key.endswith("/meta"):
+            continue
+        other = Host.from_json(kv.value)
+        if other.name != host.name and host.ip and other.ip == host.ip:
+            raise Conflict(
+                f"address {host.ip} is already registered by host {other.name}; "
+                f"give this host another --ip or remove the old one ('calicnm node remove "
+                f"--hostname {other.name}')"
+            )
+    store.put(keys.host_meta(host.name), host.to_json())
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = threading.Event()
+        self._etcd: Child | None = None
+        self._plugin: Child | None = None
+        self._store: EtcdStore | None = None
+
+    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
+        _log.info("signal %d received; stopping", signum)
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            self._start()
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start(self) -> None:
+        config = self.config
+        check_kernel_settings()
+        ensure_forwarding()
+        if not config.etcd_endpoints:
+            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+            self._etcd = embedded_etcd(config.state_dir)
+            self._etcd.start()
+            config = dataclasses.replace(config, etcd_endpoints=EMBEDDED_ETCD_URL)
+            self.config = config
+        store = build_store(config)
+        self._store = store
+        wait_for(lambda: self._etcd_ready(store), f"etcd at {store.describe()}", timeout=60)
+        _log.info("etcd ready endpoints=%s", store.describe())
+
+        ip = config.ip or detect_ip(host_addresses())
+        if ip is None:
+            raise InvalidRequest("cannot detect this host's address; pass --ip or CALICNM_IP")
+        register_host(store, Host(name=config.hostname, ip=ip))
+        _log.info("host registered name=%s ip=%s", config.hostname, ip)
+        if config.default_pools and Allocator(store, config.hostname).ensure_default_pool():
+            _log.info("default pool created")
+
+        self._dataplane = BaseDataplane(Iptables())
+        self._dataplane.ensure()
+        self._namer = NetworkNamer(store, DockerAPI(config.docker_host))
+        self._start_plugin()
+
+    def _etcd_ready(self, store: EtcdStore) -> bool:
+        if self._etcd is not None and not self._etcd.alive():
+            raise CalicnmError(
+                f"embedded etcd exited; see {os.path.join(self.config.state_dir, 'etcd.log')}"
+            )
+        try:
+            store.get(keys.config("ready"))
+        except DatastoreUnavailable:
+            return False
+        return True
+
+    def _start_plugin(self) -> None:
+        path = self.config.socket
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _remove_socket(path)
+        env = {**os.environ, **self.config.to_env()}
+        self._plugin = gunicorn(path, env, self.config.log_level)
+        self._plugin.start()
+        plugin = self._plugin
+        wait_for(lambda: os.path.exists(path) or not plugin.alive(), f"socket {path}", 30)
+        if not plugin.alive():
+            raise CalicnmError("the plugin process exited at start; see the log above")
+        os.chmod(path, 0o600)
+        _log.info("plugin listening socket=%s", path)
+
+    def _loop(self) -> None:
+        next_resync = time.monotonic() + RESYNC_SECONDS
+        while not self._stop.wait(NAME_POLL_SECONDS):
+            try:
+                self._namer.tick()
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + RESYNC_SECONDS
+                    self._dataplane.ensure()
+                    if self._store is not None:
+                        register_host(self._store, Host(self.config.hostname, self._host_ip()))
+                if self._etcd is not None and not self._etcd.alive():
+                    _log.error("embedded etcd died; restarting it")
+                    self._etcd.stop()
+                    self._etcd.start()
+                if self._plugin is not None and not self._plugin.alive():
+                    _log.error("plugin process died; restarting it")
+                    self._plugin.stop()
+                    self._start_plugin()
+            except CalicnmError as exc:
+                # Keep serving: the kernel keeps its last state and the next
+                # pass tries again.
+                _log.warning("node pass failed: %s", exc)
+
+    def _host_ip(self) -> str | None:
+        if self._store is None:
+            return self.config.ip
+        kv = self._store.get(keys.host_meta(self.config.hostname))
+        return Host.from_json(kv.value).ip if kv else self.config.ip
+
+    def _shutdown(self) -> None:
+        if self._plugin is not None:
+            self._plugin.stop()
+        _remove_socket(self.config.socket)
+        if self._store is not None:
+            self._store.close()
+        if self._etcd is not None:
+            self._etcd.stop()
+        _log.info("node stopped")
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+        _log.info("removed stale socket %s", path)
+    except FileNotFoundError:
+        pass

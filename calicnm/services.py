@@ -1,0 +1,48 @@
+"""Builders shared by the composition roots (plugin app, node, CLI).
+
+Only the roots call these; domain modules receive what they need as
+arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from calicnm.config import Config
+from calicnm.datastore import EtcdStore, EtcdTLS, parse_endpoints
+from calicnm.driver import Driver
+from calicnm.ipam import Allocator
+from calicnm.plumbing import HostPlumbing
+
+EMBEDDED_ETCD_URL = "http://127.0.0.1:2379"
+"""Where the node's embedded etcd listens; the default for every client."""
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """One event a line on stderr."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for noisy in ("werkzeug", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def build_store(config: Config, timeout: float = 5.0) -> EtcdStore:
+    endpoints = parse_endpoints(config.etcd_endpoints or EMBEDDED_ETCD_URL)
+    tls = EtcdTLS(config.etcd_trusted_ca_file, config.etcd_cert_file, config.etcd_key_file)
+    return EtcdStore(endpoints, tls, timeout=timeout)
+
+
+def build_driver(config: Config) -> tuple[Driver, EtcdStore]:
+    store = build_store(config)
+    ipam = Allocator(store, config.hostname)
+    return Driver(store, ipam, HostPlumbing(), config.hostname), store
