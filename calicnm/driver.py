@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from calicnm import keys
 from calicnm.datastore import Store, create
 from calicnm.endpoint import (
+    LinkPlan,
     check_id,
     choose_gateway,
     derive_mac,

@@ -21,7 +21,10 @@ Global invariants
   iptables state), every process started in them killed (dockerd, its containerd, the
   containerd shims and the container processes, which live in namespaces of their own),
   container cgroups removed, temp dirs removed.  dockerd runs in a private mount namespace,
-  so its mounts vanish with its processes.  The only host paths that may be created (empty,
+  so its mounts vanish with its processes; it runs under a subreaper wrapper, so its
+  double-forked shims are reaped too instead of lingering as zombies under PID 1 (only if the
+  wrapper itself is SIGKILLed do killed processes stay zombies until PID 1 reaps them,
+  ~2 s on this VM).  The only host paths that may be created (empty,
   and deliberately kept because concurrent sessions share them) are the mount points
   ``/run/docker/plugins`` and ``/run/containerd``, plus ``/run/netns`` made by ``ip netns``.
 """
@@ -879,9 +882,10 @@ class DockerHost:
     """A dockerd running inside ``netns``: an emulated Docker host.
 
     Layout: a short private runtime dir ``/tmp/cnmt-*`` (unix socket paths must stay under
-    108 bytes) holds the API socket ``sock``, ``exec-root``, the pidfile, the trust key, an
-    empty ``daemon.json``, the docker client config, the reaper script, and ``plugins_dir``.  ``workdir`` (a temp
-    dir if not given) holds ``dockerd.log`` and ``data-root``.
+    108 bytes) holds the API socket ``sock``, ``exec-root``, the pidfile, the trust key,
+    ``daemon.json``, the docker client config, the reaper script, and ``plugins_dir``.
+    ``workdir`` (a temp dir if not given) holds ``dockerd.log`` and ``data-root``.  The
+    process is the reaper, so ``process.pid`` is not dockerd's pid (that is in ``pidfile``).
 
     dockerd runs as ``nsenter --net=<netns> unshare -m --propagation private sh -c
     'mount --bind ...; exec python cnmt-reaper.py dockerd ...'``, where the reaper (see

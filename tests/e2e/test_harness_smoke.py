@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness import (
+from tests.harness import (
     DEFAULT_IMAGE,
     FABRIC_ADDRESS,
     DockerHost,
