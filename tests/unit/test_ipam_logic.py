@@ -125,7 +125,7 @@ def test_remove_pool_refuses_while_in_use(ipam, store):
         ipam.remove_pool(N("10.0.0.0/26"))
     ipam.release(addr)
     ipam.remove_pool(N("10.0.0.0/26"))
-    assert not [k for k in store.keys() if "/ipam/" in k]
+    assert not [k for k in store if "/ipam/" in k]
     with pytest.raises(NotFound):
         ipam.remove_pool(N("10.0.0.0/26"))
 

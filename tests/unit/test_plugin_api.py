@@ -103,7 +103,7 @@ def test_network_options_are_validated(rig):
     body["IPv4Data"][0]["AddressSpace"] = "LocalDefault"
     status, payload = rig.call("NetworkDriver.CreateNetwork", body)
     assert status == 400 and "--ipam-driver calicnm" in payload["Err"]
-    assert rig.store.keys() == sorted(k for k in rig.store.keys() if "/networks/" not in k)
+    assert rig.store.keys() == sorted(k for k in rig.store if "/networks/" not in k)
 
 
 def test_profile_option_names_the_network(rig):
@@ -157,7 +157,7 @@ def test_full_lifecycle_leaves_nothing_behind(rig):
     rig.ok("IpamDriver.ReleasePool", {"PoolID": pool_id})
     rig.ok("NetworkDriver.DeleteNetwork", {"NetworkID": NID})
     assert rig.plumbing.links == {}
-    leftover = [k for k in rig.store.keys() if k not in before and "/blocks/" not in k
+    leftover = [k for k in rig.store if k not in before and "/blocks/" not in k
                 and "/affinity/" not in k]
     assert leftover == []
     assert all(not b.allocations for b in rig.ipam.blocks())
@@ -177,7 +177,7 @@ def test_failed_plumbing_leaves_no_endpoint_record(rig):
     status, payload = rig.call("NetworkDriver.CreateEndpoint", {
         "NetworkID": NID, "EndpointID": EID, "Interface": {"Address": addr}})
     assert status == 500 and "test failure" in payload["Err"]
-    assert not [k for k in rig.store.keys() if "/endpoints/" in k]
+    assert not [k for k in rig.store if "/endpoints/" in k]
 
 
 def test_second_interface_in_a_sandbox_gets_its_own_gateway(rig):
