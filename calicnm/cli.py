@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import logging
 import os
 import socket
 import sys
@@ -369,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = Context(args)
+    if args.fn is not cmd_node_run:
+        # Commands speak through their output and one-line errors; library
+        # warnings (a failed-over etcd endpoint, say) stay quiet.
+        logging.basicConfig(level=logging.ERROR, format="%(message)s")
     try:
         fn: Command = args.fn
         return fn(ctx)

@@ -192,7 +192,7 @@ class EtcdStore:
                     continue
                 raise
         raise DatastoreUnavailable(
-            f"etcd is unreachable at {', '.join(failures)}: {type(last).__name__}"
+            f"etcd is unreachable at {', '.join(failures)} ({last})"
         ) from last
 
     def get(self, key: str) -> KV | None:

@@ -274,29 +274,37 @@ class Allocator:
                     )
             return None, False
 
-        existing = {b.cidr: b for b in self._blocks()}
-        mine = [c for c, b in existing.items() if b.affinity == self._host]
-        others = [c for c, b in existing.items() if b.affinity != self._host]
-        for phase, candidates, claim in (
-            ("affine", mine, False),
-            ("claim", self._unclaimed(pools, ref, existing), True),
-            ("borrow", others, False),
-        ):
-            for cidr in candidates:
-                pool, ok = in_scope(cidr)
-                if pool is None or not ok:
-                    continue
-                found = self._try_block(cidr, pool, ref, allocation, claim, exclude)
-                if found is not None:
-                    _log.info(
-                        "address assigned ip=%s handle=%s kind=%s block=%s via=%s",
-                        found,
-                        allocation.handle,
-                        allocation.kind,
-                        cidr,
-                        phase,
-                    )
-                    return found
+        # A pass works from one snapshot of the blocks; if another writer
+        # created blocks meanwhile the pass can miss free space, so a failed
+        # pass is repeated (bounded) while the set of blocks keeps changing.
+        snapshot: dict[IPv4Network, Block] | None = None
+        for _pass in range(3):
+            existing = {b.cidr: b for b in self._blocks()}
+            if snapshot is not None and existing.keys() == snapshot.keys():
+                break
+            snapshot = existing
+            mine = [c for c, b in existing.items() if b.affinity == self._host]
+            others = [c for c, b in existing.items() if b.affinity != self._host]
+            for phase, candidates, claim in (
+                ("affine", mine, False),
+                ("claim", self._unclaimed(pools, ref, existing), True),
+                ("borrow", others, False),
+            ):
+                for cidr in candidates:
+                    pool, ok = in_scope(cidr)
+                    if pool is None or not ok:
+                        continue
+                    found = self._try_block(cidr, pool, ref, allocation, claim, exclude)
+                    if found is not None:
+                        _log.info(
+                            "address assigned ip=%s handle=%s kind=%s block=%s via=%s",
+                            found,
+                            allocation.handle,
+                            allocation.kind,
+                            cidr,
+                            phase,
+                        )
+                        return found
         where = ref.subnet or ", ".join(str(p.cidr) for p in pools)
         raise PoolExhausted(f"no free address left in {where}")
 
@@ -335,8 +343,16 @@ class Allocator:
             return new
 
         try:
-            self._update_block(cidr, change, claim_if_absent=claim, only_claim=claim)
-        except (_BlockFull, _AlreadyClaimed, _NoBlock):
+            try:
+                self._update_block(cidr, change, claim_if_absent=claim, only_claim=claim)
+            except _AlreadyClaimed:
+                # Someone created it first; if that someone is this host (a
+                # concurrent request here), the block is ours to use.
+                block = self._block(cidr)
+                if block is None or block.affinity != self._host:
+                    return None
+                self._update_block(cidr, change, claim_if_absent=False)
+        except (_BlockFull, _NoBlock):
             return None
         return chosen[0]
 

@@ -118,22 +118,32 @@ class CalicnmHost:
     def calicnm(
         self, *args: str, check: bool = True, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return self.netns.run([CALICNM, *args], check=check, input=input, env=self.env(),
-                              timeout=60)
+        return self.netns.run(
+            [CALICNM, *args], check=check, input=input, env=self.env(), timeout=60
+        )
 
     def sh(self, command: str, check: bool = True) -> str:
         return self.netns.run(["sh", "-c", command], check=check).stdout
 
     def ip_of(self, container: str, network: str) -> str:
         return self.docker(
-            "inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}',
+            "inspect",
+            "-f",
+            f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}',
             container,
         )
 
     def fetch(self, network: str, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
         """HTTP GET from a throwaway container on ``network``."""
         return self.docker_run(
-            "run", "--rm", "--net", network, *extra, DEFAULT_IMAGE, "sh", "-c",
+            "run",
+            "--rm",
+            "--net",
+            network,
+            *extra,
+            DEFAULT_IMAGE,
+            "sh",
+            "-c",
             f"busybox timeout 5 wget -q -O /tmp/f {url} && cat /tmp/f",
         )
 
@@ -147,8 +157,16 @@ class CalicnmHost:
 
     def etcd_keys(self, prefix: str = "/calicnm/v1/") -> dict[str, Any]:
         out = self.netns.run(
-            ["etcdctl", "--endpoints", self.etcd_endpoints or "http://127.0.0.1:2379",
-             "get", "--prefix", prefix, "-w", "json"],
+            [
+                "etcdctl",
+                "--endpoints",
+                self.etcd_endpoints or "http://127.0.0.1:2379",
+                "get",
+                "--prefix",
+                prefix,
+                "-w",
+                "json",
+            ],
             env={**os.environ, "ETCDCTL_API": "3"},
         ).stdout
         import base64

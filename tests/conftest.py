@@ -40,13 +40,25 @@ class EtcdServer:
         log = open(os.path.join(self.dir, "etcd.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
-                "etcd", "--name", "t", "--data-dir", os.path.join(self.dir, "data"),
-                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
-                "--initial-cluster", f"t=http://127.0.0.1:{self.peer}",
+                "etcd",
+                "--name",
+                "t",
+                "--data-dir",
+                os.path.join(self.dir, "data"),
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{self.peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{self.peer}",
+                "--initial-cluster",
+                f"t=http://127.0.0.1:{self.peer}",
             ],
-            stdout=log, stderr=log, start_new_session=True,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         log.close()
         store = EtcdStore(parse_endpoints(self.url), timeout=1.0)

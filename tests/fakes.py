@@ -70,7 +70,7 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
-    def keys(self) -> list[str]:
+    def all_keys(self) -> list[str]:
         return sorted(self._data)
 
 

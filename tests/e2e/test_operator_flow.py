@@ -34,7 +34,16 @@ def http_ok(host: CalicnmHost, network: str, ip: str) -> bool:
 
 def start_web(host: CalicnmHost, name: str, network: str, *extra: str) -> str:
     host.docker(
-        "run", "-d", "--net", network, "--name", name, *extra, IMG, "sh", "-c",
+        "run",
+        "-d",
+        "--net",
+        network,
+        "--name",
+        name,
+        *extra,
+        IMG,
+        "sh",
+        "-c",
         "echo hello > /www/index.html && exec httpd -f -v -p 80 -h /www",
     )
     return host.ip_of(name, network)
@@ -51,8 +60,17 @@ def test_operator_flow(host: CalicnmHost) -> None:
 
     # docker network create (no subnet, and with --subnet)
     host.docker("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm", "dataman")
-    host.docker("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm",
-                "--subnet", "10.0.0.0/26", "tenant2")
+    host.docker(
+        "network",
+        "create",
+        "-d",
+        "calicnm",
+        "--ipam-driver",
+        "calicnm",
+        "--subnet",
+        "10.0.0.0/26",
+        "tenant2",
+    )
 
     # Docker's own FORWARD policy may be DROP; routed traffic must not care.
     host.netns.run(["iptables", "-P", "FORWARD", "DROP"])
@@ -63,7 +81,9 @@ def test_operator_flow(host: CalicnmHost) -> None:
     # Only lo and eth0 inside: no docker_gwbridge interface.
     links = host.docker("exec", "web", "ip", "-o", "link")
     assert [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()] == [
-        "lo", "eth0"]
+        "lo",
+        "eth0",
+    ]
     routes = host.docker("exec", "web", "ip", "route")
     assert "default via 169.254.1.1 dev eth0" in routes
     assert "169.254.1.1 dev eth0 scope link" in routes
@@ -71,7 +91,13 @@ def test_operator_flow(host: CalicnmHost) -> None:
 
     # docker run --rm --net dataman ... wget http://<web's IP>/  works, no NAT.
     client = host.docker_run(
-        "run", "--rm", "--net", "dataman", IMG, "sh", "-c",
+        "run",
+        "--rm",
+        "--net",
+        "dataman",
+        IMG,
+        "sh",
+        "-c",
         "ip -o -4 addr show eth0 && busybox timeout 5 wget -q -O /tmp/f "
         f"http://{web_ip}/index.html && cat /tmp/f",
     )
@@ -81,8 +107,9 @@ def test_operator_flow(host: CalicnmHost) -> None:
     assert f"{client_ip}]:" in seen, f"server saw {seen!r}, client was {client_ip}"
 
     # docker run --net tenant2 --ip 10.0.0.48 ... gets exactly 10.0.0.48
-    host.docker("run", "-d", "--net", "tenant2", "--ip", "10.0.0.48", "--name", "t2", IMG,
-                "sleep", "1000")
+    host.docker(
+        "run", "-d", "--net", "tenant2", "--ip", "10.0.0.48", "--name", "t2", IMG, "sleep", "1000"
+    )
     assert host.ip_of("t2", "tenant2") == "10.0.0.48"
     assert "inet 10.0.0.48/32" in host.docker("exec", "t2", "ip", "-4", "addr")
 
@@ -99,11 +126,12 @@ def test_operator_flow(host: CalicnmHost) -> None:
     assert http_ok(host, "dataman", web_ip)
 
     # calicnm endpoint show [--detailed]: host, network, endpoint id, interface, IP, MAC.
-    eid = host.docker("inspect", "-f", '{{.NetworkSettings.Networks.dataman.EndpointID}}', "web")
-    mac = host.docker("inspect", "-f", '{{.NetworkSettings.Networks.dataman.MacAddress}}', "web")
+    eid = host.docker("inspect", "-f", "{{.NetworkSettings.Networks.dataman.EndpointID}}", "web")
+    mac = host.docker("inspect", "-f", "{{.NetworkSettings.Networks.dataman.MacAddress}}", "web")
     shown = wait_until(
         lambda: (out := host.calicnm("endpoint", "show").stdout) and "dataman" in out and out,
-        15, "network name in endpoint show",
+        15,
+        "network name in endpoint show",
     )
     row = next(line for line in shown.splitlines() if eid[:12] in line)
     for value in ("host1", "dataman", f"cali{eid[:11]}", f"{web_ip}/32", mac):
@@ -137,8 +165,9 @@ def cleanup(host: CalicnmHost):
 
 
 def create_net(host: CalicnmHost, cleanup, name: str, *extra: str, check: bool = True):
-    result = host.docker_run("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm",
-                             *extra, name)
+    result = host.docker_run(
+        "network", "create", "-d", "calicnm", "--ipam-driver", "calicnm", *extra, name
+    )
     if result.returncode == 0:
         cleanup["networks"].append(name)
     elif check:
@@ -150,8 +179,19 @@ def test_docker_options(host: CalicnmHost, cleanup) -> None:
     host.calicnm("pool", "add", "10.1.0.0/24")
     try:
         # -o profile=NAME names the network's profile explicitly.
-        create_net(host, cleanup, "ranged", "--subnet", "10.1.0.0/24", "--ip-range",
-                   "10.1.0.128/28", "--aux-address", "router=10.1.0.5", "-o", "profile=WEB")
+        create_net(
+            host,
+            cleanup,
+            "ranged",
+            "--subnet",
+            "10.1.0.0/24",
+            "--ip-range",
+            "10.1.0.128/28",
+            "--aux-address",
+            "router=10.1.0.5",
+            "-o",
+            "profile=WEB",
+        )
         # --aux-address is held by IPAM (nobody else gets it).
         info = host.calicnm("ipam", "info", "10.1.0.5").stdout
         assert "Assigned" in info
@@ -163,8 +203,19 @@ def test_docker_options(host: CalicnmHost, cleanup) -> None:
         assert 128 <= int(ip.rsplit(".", 1)[1]) <= 143
         # --mac-address: the container has exactly that MAC (Debian's client speaks API 1.41).
         cleanup["containers"].append("m1")
-        host.docker("run", "-d", "--net", "ranged", "--name", "m1", "--mac-address",
-                    "ee:00:00:12:34:56", IMG, "sleep", "1000")
+        host.docker(
+            "run",
+            "-d",
+            "--net",
+            "ranged",
+            "--name",
+            "m1",
+            "--mac-address",
+            "ee:00:00:12:34:56",
+            IMG,
+            "sleep",
+            "1000",
+        )
         assert "ee:00:00:12:34:56" in host.docker("exec", "m1", "ip", "link", "show", "eth0")
         # -o profile shows in endpoint show --detailed.
         detailed = host.calicnm("endpoint", "show", "--detailed").stdout

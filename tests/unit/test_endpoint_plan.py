@@ -61,5 +61,7 @@ def test_join_response_shape():
 def test_join_response_routes_the_subnet_through_its_own_gateway():
     resp = endpoint.join_response("tmpabc", "169.254.1.2", [ipaddress.IPv4Network("10.0.0.0/26")])
     assert resp["StaticRoutes"][1] == {
-        "Destination": "10.0.0.0/26", "RouteType": 0, "NextHop": "169.254.1.2"
+        "Destination": "10.0.0.0/26",
+        "RouteType": 0,
+        "NextHop": "169.254.1.2",
     }

@@ -31,8 +31,17 @@ def test_network_profile_prefers_explicit_name():
 
 
 def test_endpoint_round_trip():
-    ep = Endpoint("e" * 64, "h1", "n" * 64, "caliee", "tmpee", "ee:00:00:00:00:01",
-                  (ipaddress.IPv4Address("10.0.0.2"),), "/var/run/docker/netns/x", "169.254.1.1")
+    ep = Endpoint(
+        "e" * 64,
+        "h1",
+        "n" * 64,
+        "caliee",
+        "tmpee",
+        "ee:00:00:00:00:01",
+        (ipaddress.IPv4Address("10.0.0.2"),),
+        "/var/run/docker/netns/x",
+        "169.254.1.1",
+    )
     assert Endpoint.from_json(ep.to_json()) == ep
 
 
@@ -49,7 +58,9 @@ def test_parse_address_accepts_cidr_form():
 
 
 def test_key_layout_is_versioned_and_reversible():
-    assert keys.block(ipaddress.IPv4Network("10.0.0.0/26")) == "/calicnm/v1/ipam/v4/blocks/10.0.0.0-26"
+    assert (
+        keys.block(ipaddress.IPv4Network("10.0.0.0/26")) == "/calicnm/v1/ipam/v4/blocks/10.0.0.0-26"
+    )
     assert keys.parse_cidr("10.0.0.0-26") == ipaddress.IPv4Network("10.0.0.0/26")
     assert keys.host_of_endpoint_key(keys.endpoint("h1", "abc")) == "h1"
 
@@ -57,7 +68,10 @@ def test_key_layout_is_versioned_and_reversible():
 def test_etcd_endpoints_parsing():
     eps = parse_endpoints("http://10.0.0.1:2379, https://etcd.example:4001,127.0.0.1")
     assert [(e.host, e.port, e.secure) for e in eps] == [
-        ("10.0.0.1", 2379, False), ("etcd.example", 4001, True), ("127.0.0.1", 2379, False)]
+        ("10.0.0.1", 2379, False),
+        ("etcd.example", 4001, True),
+        ("127.0.0.1", 2379, False),
+    ]
     with pytest.raises(InvalidRequest):
         parse_endpoints("ftp://x:1")
     with pytest.raises(InvalidRequest):

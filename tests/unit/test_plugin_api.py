@@ -48,8 +48,10 @@ def rig():
 def network_body(pool="0.0.0.0/0", generic=None):
     return {
         "NetworkID": NID,
-        "Options": {"com.docker.network.enable_ipv6": False,
-                    "com.docker.network.generic": generic or {}},
+        "Options": {
+            "com.docker.network.enable_ipv6": False,
+            "com.docker.network.generic": generic or {},
+        },
         "IPv4Data": [{"AddressSpace": "CalicnmLocal", "Pool": pool, "Gateway": "169.254.1.1/32"}],
         "IPv6Data": [],
     }
@@ -59,7 +61,9 @@ def test_handshake_with_empty_bodies(rig):
     assert rig.ok("Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert rig.ok("NetworkDriver.GetCapabilities")["Scope"] == "local"
     assert rig.ok("IpamDriver.GetCapabilities") == {
-        "RequiresMACAddress": False, "RequiresRequestReplay": False}
+        "RequiresMACAddress": False,
+        "RequiresRequestReplay": False,
+    }
     assert rig.ok("IpamDriver.GetDefaultAddressSpaces")["LocalDefaultAddressSpace"]
 
 
@@ -79,13 +83,24 @@ def test_unknown_route_is_a_clean_404(rig):
         ("IpamDriver.RequestPool", b'{"Pool": "", "V6": true}', 400, "IPv6"),
         ("IpamDriver.RequestPool", b'{"Options": {"x": "1"}}', 400, "unknown --ipam-opt x"),
         ("IpamDriver.RequestAddress", b'{"PoolID": "bogus"}', 400, "was not issued by calicnm"),
-        ("IpamDriver.RequestAddress", b'{"PoolID": "calicnm:any", "Address": "10.9.9.9"}', 400,
-         "outside every calicnm pool"),
-        ("NetworkDriver.CreateEndpoint", b'{"NetworkID": "x", "EndpointID": "y"}', 400,
-         "NetworkID must be a Docker id"),
-        ("NetworkDriver.Join", json.dumps({"NetworkID": NID, "EndpointID": EID,
-                                           "SandboxKey": SANDBOX}).encode(), 404,
-         "does not exist on host h1"),
+        (
+            "IpamDriver.RequestAddress",
+            b'{"PoolID": "calicnm:any", "Address": "10.9.9.9"}',
+            400,
+            "outside every calicnm pool",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            b'{"NetworkID": "x", "EndpointID": "y"}',
+            400,
+            "NetworkID must be a Docker id",
+        ),
+        (
+            "NetworkDriver.Join",
+            json.dumps({"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX}).encode(),
+            404,
+            "does not exist on host h1",
+        ),
     ],
 )
 def test_bad_input_gets_a_non_200_err(rig, method, raw, status, message):
@@ -103,50 +118,71 @@ def test_network_options_are_validated(rig):
     body["IPv4Data"][0]["AddressSpace"] = "LocalDefault"
     status, payload = rig.call("NetworkDriver.CreateNetwork", body)
     assert status == 400 and "--ipam-driver calicnm" in payload["Err"]
-    assert rig.store.keys() == sorted(k for k in rig.store if "/networks/" not in k)
+    assert rig.store.all_keys() == sorted(k for k in rig.store.all_keys() if "/networks/" not in k)
 
 
 def test_profile_option_names_the_network(rig):
     rig.ok("NetworkDriver.CreateNetwork", network_body(generic={"profile": "WEB"}))
     stored = json.loads(rig.store.get(keys.network(NID)).value)
     assert stored["profile"] == "WEB"
-    status, payload = rig.call("NetworkDriver.CreateNetwork",
-                               network_body(generic={"profile": "bad name!"}))
+    status, payload = rig.call(
+        "NetworkDriver.CreateNetwork", network_body(generic={"profile": "bad name!"})
+    )
     assert status == 400 and "-o profile" in payload["Err"]
 
 
 def full_create(rig, mac=""):
-    pool = rig.ok("IpamDriver.RequestPool", {"AddressSpace": "CalicnmLocal", "Pool": "",
-                                             "SubPool": "", "Options": {}, "V6": False})
+    pool = rig.ok(
+        "IpamDriver.RequestPool",
+        {"AddressSpace": "CalicnmLocal", "Pool": "", "SubPool": "", "Options": {}, "V6": False},
+    )
     assert pool["Pool"] == "0.0.0.0/0"
     assert pool["Data"] == {"com.docker.network.gateway": "169.254.1.1/32"}
     rig.ok("NetworkDriver.CreateNetwork", network_body())
-    addr = rig.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
-                                                "Options": None})["Address"]
+    addr = rig.ok(
+        "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": None}
+    )["Address"]
     assert addr.endswith("/32")
-    created = rig.ok("NetworkDriver.CreateEndpoint", {
-        "NetworkID": NID, "EndpointID": EID,
-        "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": mac}, "Options": {}})
+    created = rig.ok(
+        "NetworkDriver.CreateEndpoint",
+        {
+            "NetworkID": NID,
+            "EndpointID": EID,
+            "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": mac},
+            "Options": {},
+        },
+    )
     return pool["PoolID"], addr, created
 
 
 def test_full_lifecycle_leaves_nothing_behind(rig):
-    before = rig.store.keys()
+    before = rig.store.all_keys()
     pool_id, addr, created = full_create(rig)
     mac = created["Interface"]["MacAddress"]
     assert set(created) == {"Interface"} and set(created["Interface"]) == {"MacAddress"}
     assert "cali629601b5fa2" in rig.plumbing.links
     assert rig.ipam.info(ipaddress.IPv4Address(addr.split("/")[0])).holder.handle == EID
 
-    joined = rig.ok("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID,
-                                           "SandboxKey": SANDBOX, "Options": None})
+    joined = rig.ok(
+        "NetworkDriver.Join",
+        {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX, "Options": None},
+    )
     assert joined["InterfaceName"] == {"SrcName": "tmp629601b5fa2", "DstPrefix": "eth"}
     assert joined["Gateway"] == "169.254.1.1"
     assert joined["DisableGatewayService"] is True
-    assert rig.ok("NetworkDriver.EndpointOperInfo", {"NetworkID": NID, "EndpointID": EID})[
-        "Value"]["MacAddress"] == mac
-    assert rig.ok("NetworkDriver.ProgramExternalConnectivity",
-                  {"NetworkID": NID, "EndpointID": EID, "Options": {}}) == {}
+    assert (
+        rig.ok("NetworkDriver.EndpointOperInfo", {"NetworkID": NID, "EndpointID": EID})["Value"][
+            "MacAddress"
+        ]
+        == mac
+    )
+    assert (
+        rig.ok(
+            "NetworkDriver.ProgramExternalConnectivity",
+            {"NetworkID": NID, "EndpointID": EID, "Options": {}},
+        )
+        == {}
+    )
 
     rig.ok("NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NID, "EndpointID": EID})
     rig.ok("NetworkDriver.Leave", {"NetworkID": NID, "EndpointID": EID})
@@ -157,8 +193,11 @@ def test_full_lifecycle_leaves_nothing_behind(rig):
     rig.ok("IpamDriver.ReleasePool", {"PoolID": pool_id})
     rig.ok("NetworkDriver.DeleteNetwork", {"NetworkID": NID})
     assert rig.plumbing.links == {}
-    leftover = [k for k in rig.store if k not in before and "/blocks/" not in k
-                and "/affinity/" not in k]
+    leftover = [
+        k
+        for k in rig.store.all_keys()
+        if k not in before and "/blocks/" not in k and "/affinity/" not in k
+    ]
     assert leftover == []
     assert all(not b.allocations for b in rig.ipam.blocks())
 
@@ -174,20 +213,25 @@ def test_failed_plumbing_leaves_no_endpoint_record(rig):
     pool = rig.ok("IpamDriver.RequestPool", {"Pool": ""})
     rig.ok("NetworkDriver.CreateNetwork", network_body())
     addr = rig.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
-    status, payload = rig.call("NetworkDriver.CreateEndpoint", {
-        "NetworkID": NID, "EndpointID": EID, "Interface": {"Address": addr}})
+    status, payload = rig.call(
+        "NetworkDriver.CreateEndpoint",
+        {"NetworkID": NID, "EndpointID": EID, "Interface": {"Address": addr}},
+    )
     assert status == 500 and "test failure" in payload["Err"]
-    assert not [k for k in rig.store if "/endpoints/" in k]
+    assert not [k for k in rig.store.all_keys() if "/endpoints/" in k]
 
 
 def test_second_interface_in_a_sandbox_gets_its_own_gateway(rig):
     full_create(rig)
     rig.ok("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": SANDBOX})
     addr2 = rig.ok("IpamDriver.RequestAddress", {"PoolID": "calicnm:any"})["Address"]
-    rig.ok("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID2,
-                                            "Interface": {"Address": addr2}})
-    joined = rig.ok("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID2,
-                                           "SandboxKey": SANDBOX})
+    rig.ok(
+        "NetworkDriver.CreateEndpoint",
+        {"NetworkID": NID, "EndpointID": EID2, "Interface": {"Address": addr2}},
+    )
+    joined = rig.ok(
+        "NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID2, "SandboxKey": SANDBOX}
+    )
     assert joined["Gateway"] == "169.254.1.2"
     assert joined["StaticRoutes"][0]["Destination"] == "169.254.1.2/32"
 
@@ -208,12 +252,20 @@ def test_datastore_down_is_503_and_the_app_recovers(rig):
 def test_gateway_requests(rig):
     pool = rig.ok("IpamDriver.RequestPool", {"Pool": "10.0.0.0/26"})
     gw_opts = {"RequestAddressType": "com.docker.network.gateway"}
-    assert rig.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
-                                                "Options": gw_opts})["Address"] == "169.254.1.1/32"
-    got = rig.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "10.0.0.1",
-                                               "Options": gw_opts})
+    assert (
+        rig.ok(
+            "IpamDriver.RequestAddress",
+            {"PoolID": pool["PoolID"], "Address": "", "Options": gw_opts},
+        )["Address"]
+        == "169.254.1.1/32"
+    )
+    got = rig.ok(
+        "IpamDriver.RequestAddress",
+        {"PoolID": pool["PoolID"], "Address": "10.0.0.1", "Options": gw_opts},
+    )
     assert got["Address"] == "10.0.0.1/26"
     assert rig.ipam.info(ipaddress.IPv4Address("10.0.0.1")).holder.kind == "gateway"
-    status, payload = rig.call("IpamDriver.RequestAddress",
-                               {"PoolID": pool["PoolID"], "Address": "10.0.0.1"})
+    status, payload = rig.call(
+        "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "10.0.0.1"}
+    )
     assert status == 409 and "already in use" in payload["Err"]

@@ -1,0 +1,39 @@
+# calicnm: `make run` starts a node on this host; `make test` runs the whole suite.
+# Both install what is missing first (Debian packages, then a virtualenv).
+
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: deps run test unit lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+deps:
+	sh scripts/install-deps.sh
+	$(MAKE) --no-print-directory $(STAMP)
+	ln -sf $(CURDIR)/$(VENV)/bin/calicnm /usr/local/bin/calicnm
+
+# A calicnm node in the foreground, with an embedded etcd unless
+# ETCD_ENDPOINTS is set, ready for `docker network create -d calicnm ...`.
+run: deps
+	sh scripts/ensure-dockerd.sh
+	$(VENV)/bin/calicnm node run
+
+lint: deps
+	$(VENV)/bin/ruff check calicnm tests
+	$(VENV)/bin/ruff format --check calicnm
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+unit: deps
+	$(PY) -m pytest tests/unit
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

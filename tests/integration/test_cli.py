@@ -1,0 +1,94 @@
+"""The calicnm CLI against a real etcd: output shapes, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import VENV_BIN
+
+pytestmark = pytest.mark.etcd
+
+
+def run(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "CALICNM"))}
+    env.update(ETCD_ENDPOINTS=url, CALICNM_HOSTNAME="cli-host")
+    return subprocess.run(
+        [os.path.join(VENV_BIN, "calicnm"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_pool_commands(etcd_store, etcd_server):
+    url = etcd_server.url
+    added = run(url, "pool", "add", "10.20.0.0/24", "10.21.0.0/26")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines() == ["Added pool 10.20.0.0/24", "Added pool 10.21.0.0/26"]
+    show = run(url, "pool", "show").stdout.splitlines()
+    assert show[1].split("|")[1].strip() == "IPv4 CIDR"
+    assert [line.split("|")[1].strip() for line in show[3:-1]] == ["10.20.0.0/24", "10.21.0.0/26"]
+    assert [p["cidr"] for p in json.loads(run(url, "pool", "show", "--json").stdout)] == [
+        "10.20.0.0/24",
+        "10.21.0.0/26",
+    ]
+    assert run(url, "pool", "remove", "10.21.0.0/26").returncode == 0
+    usage = json.loads(run(url, "ipam", "show", "--json").stdout)
+    assert usage == [{"blocks": 0, "in_use": 0, "pool": "10.20.0.0/24", "size": 256}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["pool", "add", "10.20.0.0/27"], "prefix length of 26 or lower"),
+        (["pool", "add", "10.20.0.1/24"], "is not a valid network"),
+        (["pool", "add", "10.20.0.0/25"], "overlaps existing pool 10.20.0.0/24"),
+        (["pool", "remove", "10.99.0.0/24"], "does not exist"),
+        (["ipam", "info", "10.99.0.1"], "not in any calicnm pool"),
+        (["ipam", "release", "10.20.0.9"], "is not assigned"),
+        (["ipam", "info", "bogus"], "not a valid IP address"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(etcd_store, etcd_server, args, message):
+    assert run(etcd_server.url, "pool", "add", "10.20.0.0/24").returncode == 0
+    result = run(etcd_server.url, *args)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("calicnm: error:") and message in lines[0]
+
+
+def test_unknown_command_is_a_usage_error(etcd_server):
+    result = run(etcd_server.url, "pool", "frobnicate")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_etcd_down_is_a_clear_error():
+    result = run("http://127.0.0.1:1", "pool", "show")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip()]
+        and "etcd is unreachable at 127.0.0.1:1" in result.stderr
+    )
+
+
+def test_ipam_info_and_release(etcd_store, etcd_server):
+    import ipaddress
+
+    from calicnm.ipam import Allocator, PoolRef
+    from calicnm.model import Pool
+
+    ipam = Allocator(etcd_store, "cli-host")
+    ipam.add_pool(Pool(ipaddress.IPv4Network("10.22.0.0/26")))
+    addr = ipam.assign(PoolRef(), "ep-abc")
+    info = json.loads(run(etcd_server.url, "ipam", "info", str(addr), "--json").stdout)
+    assert info["handle"] == "ep-abc" and info["affinity"] == "cli-host"
+    assert run(etcd_server.url, "ipam", "release", str(addr)).stdout.strip() == (
+        f"Address {addr} released"
+    )
+    assert "The address is free." in run(etcd_server.url, "ipam", "info", str(addr)).stdout
