@@ -8,6 +8,7 @@ and escalates to SIGKILL, so the node never exits leaving a child behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +21,17 @@ from typing import IO
 from calicnm.errors import CalicnmError
 
 _log = logging.getLogger(__name__)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the node dies, even by
+    SIGKILL, so a killed node never leaves an orphan etcd or plugin holding
+    the port and the socket."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child:
@@ -49,6 +61,7 @@ class Child:
             stdout=out if out is not None else sys.stderr,
             stderr=subprocess.STDOUT if out is not None else sys.stderr,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         _log.info("child started name=%s pid=%d", self.name, self.proc.pid)
 
@@ -111,7 +124,9 @@ def embedded_etcd(state_dir: str) -> Child:
         "--auto-compaction-retention",
         "1000",
     ]
-    return Child("etcd", argv, log_path=os.path.join(state_dir, "etcd.log"))
+    # etcd reads ETCD_* variables as its own flags: give it none of ours.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+    return Child("etcd", argv, env=env, log_path=os.path.join(state_dir, "etcd.log"))
 
 
 def gunicorn(socket_path: str, env: dict[str, str], log_level: str) -> Child:

@@ -191,6 +191,6 @@ class Node:
 def _remove_socket(path: str) -> None:
     try:
         os.unlink(path)
-        _log.info("removed stale socket %s", path)
+        _log.info("socket removed path=%s", path)
     except FileNotFoundError:
         pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -80,9 +81,22 @@ class CalicnmHost:
             env=self.env(),
         ).start()
         node = self.node
-        wait_until(lambda: self.socket.exists() or not node.is_running(), 60, "plugin socket")
+        wait_until(lambda: self.answering() or not node.is_running(), 60, "plugin socket")
         if not node.is_running():
             raise AssertionError(f"node exited at start:\n{node.log_tail(40)}")
+
+    def answering(self) -> bool:
+        """Does the plugin accept connections on its socket (not just exist)?"""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(2)
+            probe.connect(str(self.socket))
+            probe.sendall(b"POST /Plugin.Activate HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            return b"200" in probe.recv(64)
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def stop_node(self, sig: int = 15) -> int | None:
         if self.node is None:
