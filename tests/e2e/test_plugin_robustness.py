@@ -26,8 +26,12 @@ def post(path: str, method: str, body: bytes) -> tuple[int, dict]:
     conn = Conn("plugin.moby.localhost", timeout=20)
     try:
         # Docker sends no Content-Type.
-        conn.request("POST", f"/{method}", body=body,
-                     headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
+        conn.request(
+            "POST",
+            f"/{method}",
+            body=body,
+            headers={"Accept": "application/vnd.docker.plugins.v1.2+json"},
+        )
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read() or b"null")
     finally:
@@ -35,8 +39,9 @@ def post(path: str, method: str, body: bytes) -> tuple[int, dict]:
 
 
 def etcd_pid(host: CalicnmHost) -> int:
-    out = subprocess.run(["pgrep", "-f", "--", f"--data-dir {host.state_dir}/etcd"],
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["pgrep", "-f", "--", f"--data-dir {host.state_dir}/etcd"], capture_output=True, text=True
+    ).stdout.split()
     assert len(out) == 1, out
     return int(out[0])
 
@@ -53,10 +58,24 @@ def test_bad_requests_get_err_and_the_daemon_stays_up(host: CalicnmHost) -> None
         ("IpamDriver.RequestPool", b"{oops", 400),
         ("IpamDriver.RequestAddress", b'{"PoolID": 12}', 400),
         ("IpamDriver.RequestAddress", b'{"PoolID": "calicnm:any", "Address": "nonsense"}', 400),
-        ("NetworkDriver.CreateEndpoint", b'{"NetworkID": "' + b"a" * 64 + b'", "EndpointID": "'
-         + b"b" * 64 + b'", "Interface": {"Address": "192.168.9.9/32"}}', 404),
-        ("NetworkDriver.Join", b'{"NetworkID": "' + b"a" * 64 + b'", "EndpointID": "' + b"c" * 64
-         + b'", "SandboxKey": "/x"}', 404),
+        (
+            "NetworkDriver.CreateEndpoint",
+            b'{"NetworkID": "'
+            + b"a" * 64
+            + b'", "EndpointID": "'
+            + b"b" * 64
+            + b'", "Interface": {"Address": "192.168.9.9/32"}}',
+            404,
+        ),
+        (
+            "NetworkDriver.Join",
+            b'{"NetworkID": "'
+            + b"a" * 64
+            + b'", "EndpointID": "'
+            + b"c" * 64
+            + b'", "SandboxKey": "/x"}',
+            404,
+        ),
         ("NetworkDriver.NoSuchCall", b"{}", 404),
     ]
     for method, body, status in cases:
@@ -110,8 +129,16 @@ def test_node_restart_keeps_containers_and_cleans_up(host: CalicnmHost) -> None:
 
     # SIGKILL: the plugin and etcd die with the node; a restart works.
     host.stop_node(sig=signal.SIGKILL)
-    wait_until(lambda: subprocess.run(["pgrep", "-f", "--", f"--data-dir {host.state_dir}/etcd"],
-                                      capture_output=True).returncode != 0, 20, "etcd to exit")
+    wait_until(
+        lambda: (
+            subprocess.run(
+                ["pgrep", "-f", "--", f"--data-dir {host.state_dir}/etcd"], capture_output=True
+            ).returncode
+            != 0
+        ),
+        20,
+        "etcd to exit",
+    )
     if host.socket.exists():
         host.socket.unlink()  # gunicorn may not have had time to remove it
     host.start_node()
