@@ -126,6 +126,21 @@ class CalicnmHost:
     def docker(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         return self.dockerd.docker(*args, check=check, timeout=timeout).stdout.strip()
 
+    def create_network(self, name: str, *args: str, check: bool = True) -> str:
+        """``docker network create -d calicnm --ipam-driver calicnm ARGS NAME``."""
+        result = self.dockerd.docker(
+            "network",
+            "create",
+            "-d",
+            "calicnm",
+            "--ipam-driver",
+            "calicnm",
+            *args,
+            name,
+            check=check,
+        )
+        return (result.stdout if result.returncode == 0 else result.stderr).strip()
+
     def docker_run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self.dockerd.docker(*args, check=False, timeout=timeout)
 

@@ -59,18 +59,8 @@ def test_operator_flow(host: CalicnmHost) -> None:
     assert {p["cidr"] for p in pools} == {"10.0.0.0/26", "192.168.0.0/16"}
 
     # docker network create (no subnet, and with --subnet)
-    host.docker("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm", "dataman")
-    host.docker(
-        "network",
-        "create",
-        "-d",
-        "calicnm",
-        "--ipam-driver",
-        "calicnm",
-        "--subnet",
-        "10.0.0.0/26",
-        "tenant2",
-    )
+    host.create_network("dataman")
+    host.create_network("tenant2", "--subnet", "10.0.0.0/26")
 
     # Docker's own FORWARD policy may be DROP; routed traffic must not care.
     host.netns.run(["iptables", "-P", "FORWARD", "DROP"])
@@ -155,12 +145,16 @@ def test_operator_flow(host: CalicnmHost) -> None:
 
 @pytest.fixture
 def cleanup(host: CalicnmHost):
-    created: dict[str, list[str]] = {"containers": [], "networks": []}
+    """Containers, networks and pools a test registers are removed afterwards,
+    in that order, pass or fail; then nothing may be left."""
+    created: dict[str, list[str]] = {"containers": [], "networks": [], "pools": []}
     yield created
     for name in created["containers"]:
         host.docker("rm", "-f", name, check=False)
     for name in created["networks"]:
         host.docker("network", "rm", name, check=False)
+    for cidr in created["pools"]:
+        host.calicnm("pool", "remove", cidr, check=False)
     assert_nothing_left(host)
 
 
@@ -177,60 +171,52 @@ def create_net(host: CalicnmHost, cleanup, name: str, *extra: str, check: bool =
 
 def test_docker_options(host: CalicnmHost, cleanup) -> None:
     host.calicnm("pool", "add", "10.1.0.0/24")
-    try:
-        # -o profile=NAME names the network's profile explicitly.
-        create_net(
-            host,
-            cleanup,
-            "ranged",
-            "--subnet",
-            "10.1.0.0/24",
-            "--ip-range",
-            "10.1.0.128/28",
-            "--aux-address",
-            "router=10.1.0.5",
-            "-o",
-            "profile=WEB",
-        )
-        # --aux-address is held by IPAM (nobody else gets it).
-        info = host.calicnm("ipam", "info", "10.1.0.5").stdout
-        assert "Assigned" in info
-        # --ip-range: containers land inside it.
-        cleanup["containers"].append("r1")
-        host.docker("run", "-d", "--net", "ranged", "--name", "r1", IMG, "sleep", "1000")
-        assert host.ip_of("r1", "ranged").startswith("10.1.0.1")
-        ip = host.ip_of("r1", "ranged")
-        assert 128 <= int(ip.rsplit(".", 1)[1]) <= 143
-        # --mac-address: the container has exactly that MAC (Debian's client speaks API 1.41).
-        cleanup["containers"].append("m1")
-        host.docker(
-            "run",
-            "-d",
-            "--net",
-            "ranged",
-            "--name",
-            "m1",
-            "--mac-address",
-            "ee:00:00:12:34:56",
-            IMG,
-            "sleep",
-            "1000",
-        )
-        assert "ee:00:00:12:34:56" in host.docker("exec", "m1", "ip", "link", "show", "eth0")
-        # -o profile shows in endpoint show --detailed.
-        detailed = host.calicnm("endpoint", "show", "--detailed").stdout
-        assert re.search(r"\|\s+WEB\s+\|", detailed)
-        # --ip already in use: a clear error, no leftovers (checked by the fixture).
-        dup = host.docker_run("run", "--rm", "--net", "ranged", "--ip", ip, IMG, "true")
-        assert dup.returncode != 0 and "already in use" in dup.stderr
-    finally:
-        for name in cleanup["containers"]:
-            host.docker("rm", "-f", name, check=False)
-        cleanup["containers"].clear()
-        for name in cleanup["networks"]:
-            host.docker("network", "rm", name, check=False)
-        cleanup["networks"].clear()
-        host.calicnm("pool", "remove", "10.1.0.0/24")
+    cleanup["pools"].append("10.1.0.0/24")
+    # -o profile=NAME names the network's profile explicitly.
+    create_net(
+        host,
+        cleanup,
+        "ranged",
+        "--subnet",
+        "10.1.0.0/24",
+        "--ip-range",
+        "10.1.0.128/28",
+        "--aux-address",
+        "router=10.1.0.5",
+        "-o",
+        "profile=WEB",
+    )
+    # --aux-address is held by IPAM (nobody else gets it).
+    info = host.calicnm("ipam", "info", "10.1.0.5").stdout
+    assert "Assigned" in info
+    # --ip-range: containers land inside it.
+    cleanup["containers"].append("r1")
+    host.docker("run", "-d", "--net", "ranged", "--name", "r1", IMG, "sleep", "1000")
+    assert host.ip_of("r1", "ranged").startswith("10.1.0.1")
+    ip = host.ip_of("r1", "ranged")
+    assert 128 <= int(ip.rsplit(".", 1)[1]) <= 143
+    # --mac-address: the container has exactly that MAC (Debian's client speaks API 1.41).
+    cleanup["containers"].append("m1")
+    host.docker(
+        "run",
+        "-d",
+        "--net",
+        "ranged",
+        "--name",
+        "m1",
+        "--mac-address",
+        "ee:00:00:12:34:56",
+        IMG,
+        "sleep",
+        "1000",
+    )
+    assert "ee:00:00:12:34:56" in host.docker("exec", "m1", "ip", "link", "show", "eth0")
+    # -o profile shows in endpoint show --detailed.
+    detailed = host.calicnm("endpoint", "show", "--detailed").stdout
+    assert re.search(r"\|\s+WEB\s+\|", detailed)
+    # --ip already in use: a clear error, no leftovers (checked by the fixture).
+    dup = host.docker_run("run", "--rm", "--net", "ranged", "--ip", ip, IMG, "true")
+    assert dup.returncode != 0 and "already in use" in dup.stderr
 
 
 @pytest.mark.parametrize(
@@ -250,23 +236,15 @@ def test_bad_network_options_fail_clearly(host: CalicnmHost, cleanup, args, mess
 
 def test_exhausted_pool_and_address_outside_pool(host: CalicnmHost, cleanup) -> None:
     host.calicnm("pool", "add", "10.2.0.0/26")
-    try:
-        create_net(host, cleanup, "tiny", "--subnet", "10.2.0.56/29")
-        for n in range(6):
-            cleanup["containers"].append(f"tiny{n}")
-            host.docker("run", "-d", "--net", "tiny", "--name", f"tiny{n}", IMG, "sleep", "1000")
-        full = host.docker_run("run", "--rm", "--net", "tiny", IMG, "true")
-        assert full.returncode != 0 and "no free address left in 10.2.0.56/29" in full.stderr
-        assert len(host.links("cali")) == 6
-        # An address Docker accepts (inside --subnet) but no pool holds cannot exist;
-        # outside the subnet Docker itself refuses before asking calicnm.
-        outside = host.docker_run("run", "--rm", "--net", "tiny", "--ip", "10.2.0.9", IMG, "true")
-        assert outside.returncode != 0
-    finally:
-        for name in cleanup["containers"]:
-            host.docker("rm", "-f", name, check=False)
-        cleanup["containers"].clear()
-        for name in cleanup["networks"]:
-            host.docker("network", "rm", name, check=False)
-        cleanup["networks"].clear()
-        host.calicnm("pool", "remove", "10.2.0.0/26")
+    cleanup["pools"].append("10.2.0.0/26")
+    create_net(host, cleanup, "tiny", "--subnet", "10.2.0.56/29")
+    for n in range(6):
+        cleanup["containers"].append(f"tiny{n}")
+        host.docker("run", "-d", "--net", "tiny", "--name", f"tiny{n}", IMG, "sleep", "1000")
+    full = host.docker_run("run", "--rm", "--net", "tiny", IMG, "true")
+    assert full.returncode != 0 and "no free address left in 10.2.0.56/29" in full.stderr
+    assert len(host.links("cali")) == 6
+    # An address Docker accepts (inside --subnet) but no pool holds cannot exist;
+    # outside the subnet Docker itself refuses before asking calicnm.
+    outside = host.docker_run("run", "--rm", "--net", "tiny", "--ip", "10.2.0.9", IMG, "true")
+    assert outside.returncode != 0

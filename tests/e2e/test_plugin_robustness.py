@@ -89,7 +89,7 @@ def test_bad_requests_get_err_and_the_daemon_stays_up(host: CalicnmHost) -> None
 
 
 def test_etcd_down_fails_the_call_cleanly_and_recovers(host: CalicnmHost) -> None:
-    host.docker("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm", "frozen")
+    host.create_network("frozen")
     pid = etcd_pid(host)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -109,7 +109,7 @@ def test_etcd_down_fails_the_call_cleanly_and_recovers(host: CalicnmHost) -> Non
 
 
 def test_node_restart_keeps_containers_and_cleans_up(host: CalicnmHost) -> None:
-    host.docker("network", "create", "-d", "calicnm", "--ipam-driver", "calicnm", "restart")
+    host.create_network("restart")
     host.docker("run", "-d", "--net", "restart", "--name", "r1", IMG, "sleep", "1000")
     host.docker("run", "-d", "--net", "restart", "--name", "r2", IMG, "sleep", "1000")
     r2 = host.ip_of("r2", "restart")
