@@ -89,3 +89,17 @@ def test_flags_win_over_environment_and_subcommands_do_not_reset_them():
     assert (config.hostname, config.ip, config.socket) == ("a", "198.18.0.2", "/tmp/s")
     assert Config.from_env(None, {"ETCD_CA_CERT_FILE": "/ca"}).etcd_trusted_ca_file == "/ca"
     assert Config.from_env(None, config.to_env()) == config
+
+
+def test_host_address_detection_skips_container_interfaces():
+    from calicnm.node import detect_ip
+
+    found = [
+        ("lo", "127.0.0.1"),
+        ("docker0", "172.17.0.1"),
+        ("cali1234", "10.0.0.1"),
+        ("eth0", "198.18.0.2"),
+        ("eth1", "198.19.0.2"),
+    ]
+    assert detect_ip(found) == "198.18.0.2"
+    assert detect_ip([("lo", "127.0.0.1"), ("eth0", "169.254.3.3")]) is None
