@@ -10,6 +10,7 @@ means a new ``/calicnm/v2`` root and a migration, not an edit.
     /calicnm/v1/ipam/v4/blocks/<cidr>               Block (one CAS unit)
     /calicnm/v1/ipam/v4/affinity/<host>/<cidr>      "" marker: host owns block
     /calicnm/v1/networks/<network id>               Network (CreateNetwork data)
+    /calicnm/v1/profiles/<name>                     Profile (tags and rules)
     /calicnm/v1/hosts/<host>/meta                   Host registration
     /calicnm/v1/hosts/<host>/endpoints/<id>         Endpoint on that host
 
@@ -41,6 +42,11 @@ BLOCKS = f"{ROOT}/ipam/v4/blocks/"
 AFFINITY = f"{ROOT}/ipam/v4/affinity/"
 NETWORKS = f"{ROOT}/networks/"
 HOSTS = f"{ROOT}/hosts/"
+PROFILES = f"{ROOT}/profiles/"
+
+
+def profile(name: str) -> str:
+    return PROFILES + name
 
 
 def pool(cidr: ipaddress.IPv4Network | str) -> str:

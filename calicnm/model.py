@@ -261,3 +261,14 @@ class Host:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRequest(f"stored host is malformed: {raw!r:.80}") from exc
+
+
+def effective_profiles(endpoint: Endpoint, network: Network | None) -> tuple[str, ...]:
+    """The profiles that govern ``endpoint``: its own list when the operator
+    set one, else its network's profile (none while that name is unknown,
+    which denies all traffic: fail closed)."""
+    if endpoint.profiles is not None:
+        return endpoint.profiles
+    if network is not None and network.profile_name:
+        return (network.profile_name,)
+    return ()
