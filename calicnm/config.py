@@ -56,6 +56,12 @@ SETTINGS = {
         "Docker API socket, used to learn network names",
         DEFAULT_DOCKER_HOST,
     ),
+    "resync_interval": Setting(
+        "CALICNM_RESYNC_INTERVAL",
+        "--resync-interval",
+        "seconds between the agent's full resyncs (drift repair)",
+        "30",
+    ),
     "no_default_pools": Setting(
         "CALICNM_NO_DEFAULT_POOLS",
         "--no-default-pools",
@@ -100,6 +106,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     docker_host: str = DEFAULT_DOCKER_HOST
     no_default_pools: str = "false"
+    resync_interval: str = "30"
 
     @classmethod
     def from_env(
@@ -125,6 +132,19 @@ class Config:
             if value is not None:
                 out[SETTINGS[f.name].env] = str(value)
         return out
+
+    @property
+    def marker_dir(self) -> str:
+        """Where the agent marks endpoints as programmed (read by Join)."""
+        return os.path.join(self.state_dir, "programmed")
+
+    @property
+    def resync_seconds(self) -> float:
+        try:
+            value = float(self.resync_interval)
+        except ValueError:
+            value = 30.0
+        return max(value, 1.0)
 
     @property
     def default_pools(self) -> bool:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -176,7 +175,7 @@ class EtcdStore:
             client = self._client_for(index)
             try:
                 return fn(client)
-            except (e3.ConnectionFailedError, e3.ConnectionTimeoutError) as exc:
+            except (e3.ConnectionFailedError, e3.ConnectionTimeoutError, e3.WatchTimedOut) as exc:
                 ep = self._endpoints[index]
                 failures.append(f"{ep.host}:{ep.port}")
                 _log.warning("etcd endpoint %s:%s unreachable: %s", ep.host, ep.port, exc)
@@ -226,23 +225,27 @@ class EtcdStore:
 
         return bool(self._call(run))
 
-    def revision(self) -> int:
-        """The cluster's current revision (cheap; used as a liveness probe)."""
-        return int(self._call(lambda c: c.status()).raft_index)
+    def watch(self, prefix: str, notify: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``notify(True)`` on every change under ``prefix`` and
+        ``notify(False)`` once if the watch breaks (it is then dead: watch
+        again).  Returns a function that cancels the watch."""
+
+        def callback(response: Any) -> None:
+            notify(not isinstance(response, Exception))
+
+        watch_id = self._call(lambda c: c.add_watch_prefix_callback(prefix, callback))
+        client = self._client
+
+        def cancel() -> None:
+            try:
+                client.cancel_watch(watch_id)
+            except Exception as exc:  # the channel may already be gone
+                _log.debug("cancelling watch: %s", exc)
+
+        return cancel
 
     def close(self) -> None:
         with self._lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
-
-
-@contextmanager
-def translated() -> Iterator[None]:
-    """Re-raise anything that escaped translation as a CalicnmError."""
-    try:
-        yield
-    except CalicnmError:
-        raise
-    except Exception as exc:
-        raise CalicnmError(f"datastore failure: {exc!r}") from exc

@@ -15,12 +15,15 @@ import http.client
 import json
 import logging
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from calicnm import keys
-from calicnm.datastore import Store, replace
+from calicnm.datastore import Store, create, replace
 from calicnm.model import Network
+from calicnm.policy import Profile
 
 _log = logging.getLogger(__name__)
 
@@ -73,36 +76,73 @@ class DockerAPI:
         return name if isinstance(name, str) else None
 
 
-class NetworkNamer:
-    """Fills ``docker_name`` of network records that lack one."""
+EAGER_SECONDS = 30.0
+"""How long a new unnamed network is asked about on every pass; after that
+(another host's network, say, which this Docker will never know) only every
+``SLOW_SECONDS``."""
+SLOW_SECONDS = 30.0
 
-    def __init__(self, store: Store, docker: DockerAPI) -> None:
+
+class NetworkNamer:
+    """Fills ``docker_name`` of network records that lack one, and makes sure
+    the profile named after the network exists."""
+
+    def __init__(
+        self, store: Store, docker: DockerAPI, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store = store
         self._docker = docker
-        self._unknown: set[str] = set()
+        self._clock = clock
+        self._first_seen: dict[str, float] = {}
+        self._last_asked: dict[str, float] = {}
 
-    def tick(self) -> int:
-        """One pass; returns how many records were named.  Never raises for
-        Docker being unreachable (it will be asked again next pass)."""
-        named = 0
-        for kv in self._store.list(keys.NETWORKS):
-            network = Network.from_json(kv.value)
+    def tick(self, networks: list[Network] | None = None) -> bool:
+        """One pass over unnamed networks; True while some recent one is still
+        unnamed (come back soon).  Never raises for Docker being unreachable."""
+        if networks is None:
+            networks = [Network.from_json(kv.value) for kv in self._store.list(keys.NETWORKS)]
+        now = self._clock()
+        eager = False
+        for network in networks:
+            if network.profile:
+                ensure_profile(self._store, network.profile)
             if network.docker_name:
                 continue
+            first = self._first_seen.setdefault(network.id, now)
+            recent = now - first < EAGER_SECONDS
+            if not recent and now - self._last_asked.get(network.id, 0.0) < SLOW_SECONDS:
+                continue
+            self._last_asked[network.id] = now
             try:
                 name = self._docker.network_name(network.id)
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 _log.debug("docker not answering for network=%s: %s", network.id[:12], exc)
-                return named
+                return True
             if name is None:
-                if network.id not in self._unknown:
-                    self._unknown.add(network.id)
-                    _log.info(
-                        "network=%s is not (yet) known to this host's Docker", network.id[:12]
-                    )
+                eager = eager or recent
                 continue
-            updated = dataclasses.replace(network, docker_name=name)
-            if replace(self._store, kv.key, updated.to_json(), kv.revision):
-                named += 1
-                _log.info("network named network=%s name=%s", network.id[:12], name)
-        return named
+            self._name(network, name)
+        live = {n.id for n in networks}
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+        return eager
+
+    def _name(self, network: Network, name: str) -> None:
+        kv = self._store.get(keys.network(network.id))
+        if kv is None:
+            return
+        current = Network.from_json(kv.value)
+        updated = dataclasses.replace(current, docker_name=name)
+        if replace(self._store, kv.key, updated.to_json(), kv.revision):
+            _log.info("network named network=%s name=%s", network.id[:12], name)
+            if not current.profile:
+                ensure_profile(self._store, name)
+
+
+def ensure_profile(store: Store, name: str) -> None:
+    """Create the network's default profile unless it exists: tag NAME, allow
+    inbound from tag NAME, allow all outbound.  Two hosts naming the same
+    network race harmlessly: create-if-absent keeps the first."""
+    if store.get(keys.profile(name)) is None and create(
+        store, keys.profile(name), Profile.default(name).to_json()
+    ):
+        _log.info("profile created profile=%s", name)

@@ -20,10 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from calicnm import keys
 from calicnm.datastore import Store, create
+from calicnm.docker_names import ensure_profile
 from calicnm.endpoint import (
     LinkPlan,
     check_id,
@@ -131,11 +134,23 @@ class Plumbing(Protocol):
 
 
 class Driver:
-    def __init__(self, store: Store, ipam: Allocator, plumbing: Plumbing, host: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        ipam: Allocator,
+        plumbing: Plumbing,
+        host: str,
+        programmed: Callable[[str], bool] | None = None,
+        join_wait: float = 5.0,
+    ) -> None:
+        """``programmed(endpoint_id)`` says whether the agent has programmed an
+        endpoint; Join waits for it (at most ``join_wait`` seconds)."""
         self._store = store
         self._ipam = ipam
         self._plumbing = plumbing
         self._host = host
+        self._programmed = programmed
+        self._join_wait = join_wait
 
     # ---- handshake -------------------------------------------------------
 
@@ -256,6 +271,8 @@ class Driver:
             existing = self.network(network_id)
             if existing.ipv4_pools != network.ipv4_pools:
                 raise InvalidRequest(f"network {network_id[:12]} already exists with other pools")
+        if profile:
+            ensure_profile(self._store, profile)
         _log.info(
             "network created network=%s pools=%s profile=%s",
             network_id[:12],
@@ -318,13 +335,16 @@ class Driver:
             mac=mac,
             ipv4=(address,),
         )
+        # The veth first, then the record: the agent acts on the record and
+        # must find the interface in place.  If the record cannot be written
+        # the veth goes again, and Docker releases the address.
+        self._plumbing.create(plan)
         key = keys.endpoint(self._host, endpoint_id)
-        if not create(self._store, key, endpoint.to_json()):
-            self._store.put(key, endpoint.to_json())  # Docker retried: take the new data
         try:
-            self._plumbing.create(plan)
+            if not create(self._store, key, endpoint.to_json()):
+                self._store.put(key, endpoint.to_json())  # Docker retried: take the new data
         except CalicnmError:
-            self._store.delete(key)
+            self._plumbing.remove(plan.host_if, plan.peer_if)
             raise
         self._ipam.set_handle(address, endpoint_id)
         _log.info(
@@ -376,6 +396,7 @@ class Driver:
         gateway = choose_gateway(in_use)
         joined = dataclasses.replace(endpoint, sandbox=sandbox, gateway=gateway)
         self._store.put(keys.endpoint(self._host, endpoint_id), joined.to_json())
+        self._await_programmed(endpoint_id)
         _log.info(
             "endpoint joined network=%s endpoint=%s gateway=%s",
             network_id[:12],
@@ -383,6 +404,25 @@ class Driver:
             gateway,
         )
         return join_response(endpoint.peer, gateway, _subnets(network))
+
+    def _await_programmed(self, endpoint_id: str) -> None:
+        """Give the agent a bounded moment to route the endpoint and program
+        its policy, so the container starts with both in place.  On timeout
+        Join still succeeds: the endpoint stays fail-closed until the agent
+        catches up."""
+        if self._programmed is None:
+            return
+        deadline = time.monotonic() + self._join_wait
+        while not self._programmed(endpoint_id):
+            if time.monotonic() >= deadline:
+                _log.warning(
+                    "endpoint=%s not programmed by the agent after %.0fs; its traffic is "
+                    "dropped until it is",
+                    endpoint_id[:12],
+                    self._join_wait,
+                )
+                return
+            time.sleep(0.01)
 
     def leave(self, body: Any) -> dict[str, Any]:
         req = _obj(body)

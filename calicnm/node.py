@@ -5,13 +5,16 @@ Start order, each step bounded in time and failing with a one-line reason:
 2. etcd: the cluster in ``ETCD_ENDPOINTS``, or an embedded single-member
    etcd with data under the state dir when it is unset;
 3. defaults in etcd (the default pool) and this host's registration;
-4. the base iptables chains;
-5. the plugin (gunicorn on the Docker plugin socket; a stale socket is
-   removed first).
+4. one full agent pass, so a restarted node has converged the kernel
+   (chains, ipsets, routes) before it serves Docker again;
+5. the agent thread (watches etcd, keeps the kernel equal to it, names
+   new networks) and the plugin (gunicorn on the Docker plugin socket; a
+   stale socket is removed first).
 
-Then a loop, level-triggered: name new networks, re-assert the base chains
-and host record, restart a child that died.  SIGTERM or SIGINT stops the
-children (plugin first, etcd last), removes the socket and exits 0.
+Then the main loop keeps the host record current and restarts a child
+that died.  SIGTERM or SIGINT stops the plugin, the agent and then etcd,
+removes the socket and exits 0.  The kernel state is left in place: the
+containers keep their connectivity and isolation while the node is down.
 """
 
 from __future__ import annotations
@@ -26,22 +29,25 @@ import time
 from types import FrameType
 
 from calicnm import keys
+from calicnm.agent import Agent, Markers
 from calicnm.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.config import Config
+from calicnm.dataplane import PolicyDataplane
 from calicnm.datastore import EtcdStore
 from calicnm.docker_names import DockerAPI, NetworkNamer
 from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
-from calicnm.hostnet import BaseDataplane, check_kernel_settings, ensure_forwarding
+from calicnm.hostnet import check_kernel_settings, ensure_forwarding
 from calicnm.ipam import Allocator
+from calicnm.ipsets import Ipsets
 from calicnm.iptables import Iptables
 from calicnm.model import Host
-from calicnm.plumbing import host_addresses
+from calicnm.plumbing import HostPlumbing, host_addresses
 from calicnm.services import EMBEDDED_ETCD_URL, build_store
 
 _log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 10.0
-NAME_POLL_SECONDS = 1.0
+CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
 
 
@@ -80,6 +86,7 @@ class Node:
         self._etcd: Child | None = None
         self._plugin: Child | None = None
         self._store: EtcdStore | None = None
+        self._agent_thread: threading.Thread | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         _log.info("signal %d received; stopping", signum)
@@ -118,9 +125,22 @@ class Node:
         if config.default_pools and Allocator(store, config.hostname).ensure_default_pool():
             _log.info("default pool created")
 
-        self._dataplane = BaseDataplane(Iptables())
-        self._dataplane.ensure()
-        self._namer = NetworkNamer(store, DockerAPI(config.docker_host))
+        namer = NetworkNamer(store, DockerAPI(config.docker_host))
+        self._agent = Agent(
+            store,
+            config.hostname,
+            PolicyDataplane(Iptables(), Ipsets()),
+            HostPlumbing(),
+            Markers(config.marker_dir),
+            resync=config.resync_seconds,
+            on_snapshot=lambda snap: namer.tick(list(snap.networks.values())),
+        )
+        self._agent.reconcile(full=True)
+        _log.info("kernel converged with etcd")
+        self._agent_thread = threading.Thread(
+            target=self._agent.run, args=(self._stop, store.watch), name="agent", daemon=True
+        )
+        self._agent_thread.start()
         self._start_plugin()
 
     def _etcd_ready(self, store: EtcdStore) -> bool:
@@ -150,12 +170,10 @@ class Node:
 
     def _loop(self) -> None:
         next_resync = time.monotonic() + RESYNC_SECONDS
-        while not self._stop.wait(NAME_POLL_SECONDS):
+        while not self._stop.wait(CHILD_POLL_SECONDS):
             try:
-                self._namer.tick()
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + RESYNC_SECONDS
-                    self._dataplane.ensure()
                     if self._store is not None:
                         register_host(self._store, Host(self.config.hostname, self._host_ip()))
                 if self._etcd is not None and not self._etcd.alive():
@@ -178,8 +196,12 @@ class Node:
         return Host.from_json(kv.value).ip if kv else self.config.ip
 
     def _shutdown(self) -> None:
+        self._stop.set()
         if self._plugin is not None:
             self._plugin.stop()
+        if self._agent_thread is not None:
+            self._agent.wake()
+            self._agent_thread.join(timeout=10)
         _remove_socket(self.config.socket)
         if self._store is not None:
             self._store.close()

@@ -4,11 +4,13 @@
 the calling thread (the host's, in production; a throwaway one in tests).
 It never enters a container's namespace: Docker moves the peer itself.
 
-Failure behaviour: ``create`` either leaves a complete endpoint (veth pair,
-host side up with proxy ARP and strict rp_filter, /32 route, permanent
-neighbour entry) or removes what it made and raises ``DataplaneError``.
-``remove`` treats a missing link as already removed.  Netlink errno values
-are translated here and nowhere else.
+Failure behaviour: ``create`` either leaves a complete veth pair (host side
+up with proxy ARP and strict rp_filter, container side carrying the MAC)
+or removes what it made and raises ``DataplaneError``.  Routes are the
+agent's: it calls ``ensure_routes`` once the endpoint is recorded, so the
+route and the endpoint's policy chains appear together.  ``remove`` treats
+a missing link as already removed.  Netlink errno values are translated
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -109,15 +111,6 @@ class HostPlumbing:
                 for path, value in PER_INTERFACE_SYSCTLS:
                     write_sysctl(path.format(plan.host_if), value)
                 ipr.link("set", index=index, state="up")
-                for addr in plan.addresses:
-                    ipr.route("replace", dst=f"{addr}/32", oif=index, scope=SCOPE_LINK)
-                    ipr.neigh(
-                        "replace",
-                        dst=str(addr),
-                        lladdr=plan.mac,
-                        ifindex=index,
-                        state="permanent",
-                    )
             except Exception as exc:
                 self._delete(ipr, plan.host_if)
                 if isinstance(exc, DataplaneError):
@@ -129,6 +122,24 @@ class HostPlumbing:
             plan.peer_if,
             ",".join(map(str, plan.addresses)),
         )
+
+    def ensure_routes(self, host_if: str, ips: tuple[str, ...], mac: str) -> bool:
+        """The /32 scope-link route and permanent neighbour entry of each
+        address, through ``host_if``; False when the interface does not exist.
+        Idempotent ("replace"), so re-asserting repairs a route deleted by hand."""
+        with _netlink() as ipr:
+            found = ipr.link_lookup(ifname=host_if)
+            if not found:
+                return False
+            try:
+                for addr in ips:
+                    ipr.route("replace", dst=f"{addr}/32", oif=found[0], scope=SCOPE_LINK)
+                    ipr.neigh("replace", dst=addr, lladdr=mac, ifindex=found[0], state="permanent")
+            except Exception as exc:
+                if _netlink_error(exc) == errno.ENODEV:
+                    return False
+                raise DataplaneError(f"cannot route {','.join(ips)} via {host_if}: {exc}") from exc
+        return True
 
     def remove(self, host_if: str, peer_if: str | None = None) -> bool:
         """Delete the pair (either end removes both); False if already gone.

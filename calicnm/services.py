@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from calicnm.agent import Markers
 from calicnm.config import Config
 from calicnm.datastore import EtcdStore, EtcdTLS, parse_endpoints
 from calicnm.driver import Driver
@@ -45,4 +46,6 @@ def build_store(config: Config, timeout: float = 5.0) -> EtcdStore:
 def build_driver(config: Config) -> tuple[Driver, EtcdStore]:
     store = build_store(config)
     ipam = Allocator(store, config.hostname)
-    return Driver(store, ipam, HostPlumbing(), config.hostname), store
+    markers = Markers(config.marker_dir)
+    driver = Driver(store, ipam, HostPlumbing(), config.hostname, programmed=markers.is_set)
+    return driver, store

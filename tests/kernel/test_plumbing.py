@@ -25,6 +25,10 @@ def test_create_wires_the_host_side(netns):
     plumbing = HostPlumbing()
     plan = plan_link(EID, "ee:01:02:03:04:05", (IP,))
     plumbing.create(plan)
+    assert sh("ip", "-4", "route", "show", "10.65.0.7") == "", "routes are the agent's"
+    assert plumbing.ensure_routes("cali629601b5fa2", ("10.65.0.7",), "ee:01:02:03:04:05")
+    sh("ip", "route", "del", "10.65.0.7/32")
+    assert plumbing.ensure_routes("cali629601b5fa2", ("10.65.0.7",), "ee:01:02:03:04:05")
 
     host_if = sh("ip", "-o", "link", "show", "cali629601b5fa2")
     assert "state UP" in host_if or "UP" in host_if.split(">")[0]
@@ -43,6 +47,7 @@ def test_create_wires_the_host_side(netns):
     assert plumbing.links_with_prefix("cali", "tmp") == []
     assert sh("ip", "-4", "route", "show", "10.65.0.7") == ""
     assert plumbing.remove("cali629601b5fa2", "tmp629601b5fa2") is False
+    assert not plumbing.ensure_routes("cali629601b5fa2", ("10.65.0.7",), "ee:01:02:03:04:05")
 
 
 def test_create_replaces_a_stale_pair(netns):

@@ -1,12 +1,12 @@
 import pytest
 
 from calicnm.errors import DataplaneError
-from calicnm.hostnet import base_chains
 from calicnm.iptables import jump_fixups, render
 
 
 def test_render_rewrites_whole_chains_in_one_transaction():
-    text = render("filter", base_chains(), ["-I FORWARD 1 -j calicnm-FORWARD"])
+    chains = {"calicnm-FORWARD": ["-i cali+ -j ACCEPT", "-o cali+ -j ACCEPT"]}
+    text = render("filter", chains, ["-I FORWARD 1 -j calicnm-FORWARD"])
     assert text == (
         "*filter\n"
         ":calicnm-FORWARD - [0:0]\n"

@@ -15,9 +15,9 @@ ONLY_IMPORTER = {
     "grpc": {"datastore"},
     "pyroute2": {"plumbing"},
     "gunicorn": set(),
-    "subprocess": {"iptables", "children"},
+    "subprocess": {"iptables", "ipsets", "children"},
 }
-PURE = {"model", "blocks", "endpoint", "keys", "errors", "table"}
+PURE = {"model", "blocks", "endpoint", "keys", "errors", "table", "policy", "profiles"}
 IO_MODULES = {"socket", "subprocess", "http", "os", "flask", "etcd3", "pyroute2", "urllib"}
 
 

@@ -1,0 +1,234 @@
+"""The per-host agent (Calico's Felix role): keep the kernel equal to etcd.
+
+Level-triggered: each pass reads the whole desired state (profiles,
+networks, endpoints of every host), compiles it, and applies the
+difference to the kernel; it never acts on an event's content, only on the
+fact that something changed.  So a lost watch event, a restart or a crash
+mid-apply cannot leave the host wrong for longer than one pass.
+
+Passes run when the etcd watch reports a change, at least every
+``resync`` seconds as a full resync that also repairs drift, and every
+second while the watch is down.  If etcd is unreachable a pass fails
+before touching the kernel: the last good state stays programmed (nothing
+is flushed because the datastore blinked) and the agent keeps retrying.
+
+The agent is the only writer of calicnm's chains, ipsets and endpoint
+routes on its host.  After an endpoint's route and chains are in place it
+drops a marker file that the plugin's Join waits for, so a container
+starts with its policy already enforced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from calicnm import keys
+from calicnm.datastore import Store
+from calicnm.errors import CalicnmError
+from calicnm.model import Endpoint, Network, effective_profiles
+from calicnm.policy import Profile
+from calicnm.profiles import Dataplane, LocalEndpoint, compile_dataplane, tag_members
+
+_log = logging.getLogger(__name__)
+
+
+class Routes(Protocol):
+    """What the agent needs from ``plumbing.HostPlumbing``."""
+
+    def ensure_routes(self, host_if: str, ips: tuple[str, ...], mac: str) -> bool: ...
+
+
+class Applier(Protocol):
+    """What the agent needs from ``dataplane.PolicyDataplane``."""
+
+    def apply(self, desired: Dataplane, full: bool = False) -> object: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    profiles: dict[str, Profile | None]
+    networks: dict[str, Network]
+    endpoints: list[Endpoint]
+
+
+def read_snapshot(store: Store) -> Snapshot:
+    profiles: dict[str, Profile | None] = {}
+    for kv in store.list(keys.PROFILES):
+        name = keys.last_segment(kv.key)
+        try:
+            profiles[name] = Profile.from_json(kv.value, name)
+        except CalicnmError as exc:
+            _log.error("profile %s is unreadable; its chains drop everything: %s", name, exc)
+            profiles[name] = None
+    networks = {}
+    for kv in store.list(keys.NETWORKS):
+        try:
+            network = Network.from_json(kv.value)
+        except CalicnmError as exc:
+            _log.error("network record %s is unreadable: %s", kv.key, exc)
+            continue
+        networks[network.id] = network
+    endpoints = []
+    for kv in store.list(keys.HOSTS):
+        if "/endpoints/" not in kv.key:
+            continue
+        try:
+            endpoints.append(Endpoint.from_json(kv.value))
+        except CalicnmError as exc:
+            _log.error("endpoint record %s is unreadable: %s", kv.key, exc)
+    return Snapshot(profiles, networks, endpoints)
+
+
+class Markers:
+    """Files ``<dir>/<endpoint id>`` meaning "programmed"; read by Join."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def path(self, endpoint_id: str) -> str:
+        return os.path.join(self.directory, endpoint_id)
+
+    def is_set(self, endpoint_id: str) -> bool:
+        return os.path.exists(self.path(endpoint_id))
+
+    def sync(self, programmed: set[str]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        present = set(os.listdir(self.directory))
+        for eid in programmed - present:
+            with open(self.path(eid), "w"):
+                pass
+        for eid in present - programmed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(eid))
+
+
+class Agent:
+    def __init__(
+        self,
+        store: Store,
+        host: str,
+        dataplane: Applier,
+        routes: Routes,
+        markers: Markers,
+        resync: float = 30.0,
+        on_snapshot: Callable[[Snapshot], bool] | None = None,
+    ) -> None:
+        self._store = store
+        self._host = host
+        self._dataplane = dataplane
+        self._routes = routes
+        self._markers = markers
+        self._resync = resync
+        self._on_snapshot = on_snapshot
+        self._routed: dict[str, tuple[str, tuple[str, ...], str]] = {}
+        self._wake = threading.Event()
+        self._cancel_watch: Callable[[], None] | None = None
+        self._watch_ok = False
+        self.passes = 0
+        self.last_error: str | None = None
+
+    # ---- one pass ----------------------------------------------------------
+
+    def reconcile(self, full: bool = False) -> bool:
+        """One pass; returns True when something still waits (a veth not
+        there yet, a network not named yet), so the caller comes back soon."""
+        snapshot = read_snapshot(self._store)
+        waiting = bool(self._on_snapshot and self._on_snapshot(snapshot))
+        local = [e for e in snapshot.endpoints if e.host == self._host]
+        every = [
+            (
+                effective_profiles(e, snapshot.networks.get(e.network_id)),
+                tuple(str(ip) for ip in e.ipv4),
+            )
+            for e in snapshot.endpoints
+        ]
+        members = tag_members({n: p for n, p in snapshot.profiles.items() if p}, every)
+        compiled = [
+            LocalEndpoint(
+                id=e.id,
+                interface=e.interface,
+                ips=tuple(str(ip) for ip in e.ipv4),
+                profiles=effective_profiles(e, snapshot.networks.get(e.network_id)),
+            )
+            for e in local
+        ]
+        used = {name for ep in compiled for name in ep.profiles}
+        profiles = {name: snapshot.profiles.get(name) for name in used}
+        desired = compile_dataplane(profiles, compiled, members)
+        self._dataplane.apply(desired, full=full)
+
+        programmed = set()
+        routed = {} if full else self._routed
+        for ep in local:
+            want = (ep.interface, tuple(str(ip) for ip in ep.ipv4), ep.mac)
+            if routed.get(ep.id) == want or self._routes.ensure_routes(*want):
+                routed[ep.id] = want
+                programmed.add(ep.id)
+            else:
+                waiting = True  # the veth is not there (yet)
+        self._routed = {k: v for k, v in routed.items() if k in programmed}
+        self._markers.sync(programmed)
+        self.passes += 1
+        return waiting
+
+    # ---- the loop ------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run the next pass now (and notice a stop request at once)."""
+        self._wake.set()
+
+    def notify(self, healthy: bool) -> None:
+        """Watch callback: a change (True) or a broken watch (False)."""
+        if not healthy:
+            self._watch_ok = False
+        self._wake.set()
+
+    def _ensure_watch(self, watch: Callable[..., Callable[[], None]] | None) -> None:
+        if watch is None or self._watch_ok:
+            return
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+            self._cancel_watch = None
+        try:
+            self._cancel_watch = watch(keys.ROOT + "/", self.notify)
+            self._watch_ok = True
+            _log.info("watching etcd for changes")
+        except CalicnmError as exc:
+            _log.warning("cannot watch etcd (%s); polling until it answers", exc)
+
+    def run(
+        self, stop: threading.Event, watch: Callable[..., Callable[[], None]] | None = None
+    ) -> None:
+        next_full = 0.0
+        while not stop.is_set():
+            self._ensure_watch(watch)
+            now = time.monotonic()
+            full = now >= next_full
+            self._wake.clear()
+            waiting = False
+            try:
+                waiting = self.reconcile(full=full)
+                if full:
+                    next_full = now + self._resync
+                self.last_error = None
+            except CalicnmError as exc:
+                if self.last_error != str(exc):
+                    _log.warning("agent pass failed; the kernel keeps its last state: %s", exc)
+                self.last_error = str(exc)
+                next_full = 0.0  # after any failure the next pass is a full one
+                self._watch_ok = self._watch_ok and "unreachable" not in str(exc)
+            timeout = max(0.0, next_full - time.monotonic()) if next_full else 1.0
+            if waiting:
+                timeout = min(timeout, 0.25)
+            if not self._watch_ok:
+                timeout = min(timeout, 1.0)
+            self._wake.wait(timeout)
+        if self._cancel_watch is not None:
+            self._cancel_watch()

@@ -1,0 +1,276 @@
+"""Compiling policy into kernel state: profiles -> iptables chains and ipsets.
+
+Pure: takes values, returns a ``Dataplane`` value; ``dataplane.py`` applies it.
+
+Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
+
+    FORWARD -> calicnm-FORWARD   conntrack first (INVALID drop, ESTABLISHED accept),
+                                 then -i cali+ -> calicnm-FROM-EP (sender's outbound),
+                                      -o cali+ -> calicnm-TO-EP   (receiver's inbound),
+                                 then accept what both allowed.
+    INPUT   -> calicnm-INPUT     container -> host: the sender's outbound policy.
+    calicnm-FROM-EP / -TO-EP     dispatch on the interface name to the endpoint's chain
+                                 (a two-level tree past DISPATCH_FLAT_LIMIT endpoints,
+                                 so a packet is matched against ~sqrt(n) rules, not n);
+                                 an interface with no chain ends in DROP.
+    calicnm-from-<id>/-to-<id>   per endpoint: clear the accept mark, then each profile
+                                 in order; RETURN as soon as one set the mark; else DROP.
+    calicnm-pi-<p>/-po-<p>       per profile and direction: its rules in order; allow
+                                 sets the mark and returns, deny drops.
+
+Tags become ``hash:ip`` ipsets holding the addresses of every endpoint on
+any host whose profiles carry the tag, so rules grow with endpoints plus
+rules, never with endpoints times members.
+
+Fail closed: a profile that is referenced but missing or unreadable gets a
+chain that drops everything, and an interface the dispatch does not know
+is dropped; nothing here ever produces a blanket ACCEPT for a cali
+interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from calicnm.policy import PORT_PROTOCOLS, Profile, Rule
+
+PREFIX = "calicnm-"
+FORWARD = "calicnm-FORWARD"
+INPUT = "calicnm-INPUT"
+FROM_EP = "calicnm-FROM-EP"
+TO_EP = "calicnm-TO-EP"
+ACCEPT_MARK = "0x1000000"
+IFACE_PREFIX = "cali"
+DISPATCH_FLAT_LIMIT = 32
+MAX_CHAIN = 28
+MAX_IPSET = 31
+MULTIPORT_MAX = 15
+HEX = "0123456789abcdef"
+
+JUMPS = (("FORWARD", FORWARD), ("INPUT", INPUT))
+"""(kernel chain, calicnm chain) pairs: one jump at the top of each."""
+
+
+def shorten(name: str, budget: int) -> str:
+    """``name`` if it fits, else a stable hash of it (``_`` + hex)."""
+    if len(name) <= budget:
+        return name
+    return "_" + hashlib.sha256(f"{budget} {name}".encode()).hexdigest()[: budget - 1]
+
+
+def profile_chain(name: str, direction: str) -> str:
+    tag = "pi-" if direction == "inbound" else "po-"
+    return PREFIX + tag + shorten(name, MAX_CHAIN - len(PREFIX) - len(tag))
+
+
+def endpoint_chain(interface: str, direction: str) -> str:
+    tag = "to-" if direction == "inbound" else "from-"
+    suffix = interface[len(IFACE_PREFIX) :] if interface.startswith(IFACE_PREFIX) else interface
+    return PREFIX + tag + shorten(suffix, MAX_CHAIN - len(PREFIX) - len(tag))
+
+
+def tag_ipset(tag: str) -> str:
+    return PREFIX + "t-" + shorten(tag, MAX_IPSET - len(PREFIX) - 2)
+
+
+def temp_ipset(name: str) -> str:
+    """Same length as ``name``: the swap partner used while rewriting it."""
+    return PREFIX + "x-" + name[len(PREFIX) + 2 :]
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    id: str
+    interface: str
+    ips: tuple[str, ...]
+    profiles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Dataplane:
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ipsets: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def rule_count(self) -> int:
+        return sum(len(rules) for rules in self.chains.values())
+
+
+def tag_members(
+    profiles: dict[str, Profile], endpoints: Iterable[tuple[tuple[str, ...], tuple[str, ...]]]
+) -> dict[str, set[str]]:
+    """tag -> addresses, from (profiles, ips) of every endpoint on every host."""
+    tags_of = {name: p.tags for name, p in profiles.items()}
+    members: dict[str, set[str]] = {}
+    for profile_names, ips in endpoints:
+        for name in profile_names:
+            for tag in tags_of.get(name, ()):
+                members.setdefault(tag, set()).update(ips)
+    return members
+
+
+def compile_dataplane(
+    profiles: dict[str, Profile | None],
+    endpoints: list[LocalEndpoint],
+    members: dict[str, set[str]],
+) -> Dataplane:
+    """The whole desired filter-table state for this host.
+
+    ``profiles`` maps names to profiles; ``None`` marks one that exists but
+    could not be read (it compiles to a drop chain).  Only profiles used by
+    local endpoints, and tags their rules mention, are materialised.
+    """
+    chains: dict[str, tuple[str, ...]] = {
+        FORWARD: (
+            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+            "-o cali+ -m conntrack --ctstate INVALID -j DROP",
+            "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-o cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i cali+ -j {FROM_EP}",
+            f"-o cali+ -j {TO_EP}",
+            "-i cali+ -j ACCEPT",
+            "-o cali+ -j ACCEPT",
+        ),
+        INPUT: (
+            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+            "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i cali+ -j {FROM_EP}",
+        ),
+    }
+    used: set[str] = set()
+    ordered = sorted(endpoints, key=lambda e: e.interface)
+    for ep in ordered:
+        used.update(ep.profiles)
+        for direction in ("inbound", "outbound"):
+            chains[endpoint_chain(ep.interface, direction)] = _endpoint_rules(ep, direction)
+    chains.update(_dispatch(FROM_EP, "-i", ordered, "outbound"))
+    chains.update(_dispatch(TO_EP, "-o", ordered, "inbound"))
+
+    ipsets: dict[str, frozenset[str]] = {}
+    for name in sorted(used):
+        profile = profiles.get(name)
+        for direction in ("inbound", "outbound"):
+            chain = profile_chain(name, direction)
+            if profile is None:
+                chains[chain] = ('-m comment --comment "profile unreadable or missing" -j DROP',)
+                continue
+            rules: list[str] = []
+            for rule in profile.rules(direction):
+                for tag in _tags_of(rule):
+                    ipsets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
+                rules.extend(rule_lines(rule))
+            chains[chain] = tuple(rules)
+    return Dataplane(chains, ipsets)
+
+
+def _endpoint_rules(ep: LocalEndpoint, direction: str) -> tuple[str, ...]:
+    rules = []
+    if direction == "outbound" and len(ep.ips) == 1:
+        # Belt and braces with strict rp_filter: only the endpoint's address.
+        rules.append(f"! -s {ep.ips[0]}/32 -j DROP")
+    rules.append(f"-j MARK --set-xmark 0x0/{ACCEPT_MARK}")
+    for name in ep.profiles:
+        rules.append(f"-j {profile_chain(name, direction)}")
+        rules.append(f"-m mark --mark {ACCEPT_MARK}/{ACCEPT_MARK} -j RETURN")
+    rules.append("-j DROP")
+    return tuple(rules)
+
+
+def _dispatch(
+    root: str, flag: str, endpoints: list[LocalEndpoint], direction: str
+) -> dict[str, tuple[str, ...]]:
+    def leaf_rules(eps: list[LocalEndpoint]) -> list[str]:
+        return [f"{flag} {e.interface} -g {endpoint_chain(e.interface, direction)}" for e in eps]
+
+    if len(endpoints) <= DISPATCH_FLAT_LIMIT:
+        return {root: (*leaf_rules(endpoints), "-j DROP")}
+    buckets: dict[str, list[LocalEndpoint]] = {}
+    for ep in endpoints:
+        key = ep.interface[len(IFACE_PREFIX) : len(IFACE_PREFIX) + 1]
+        buckets.setdefault(key if key in HEX else "_", []).append(ep)
+    chains: dict[str, tuple[str, ...]] = {}
+    top: list[str] = []
+    for key in sorted(buckets):
+        if key == "_":
+            top.extend(leaf_rules(buckets[key]))
+            continue
+        leaf = f"{root}-{key}"
+        top.append(f"{flag} {IFACE_PREFIX}{key}+ -g {leaf}")
+        chains[leaf] = (*leaf_rules(buckets[key]), "-j DROP")
+    chains[root] = (*top, "-j DROP")
+    return chains
+
+
+def _tags_of(rule: Rule) -> list[str]:
+    return [str(v) for k, v in rule.match.items() if k.lstrip("!") in ("src_tag", "dst_tag")]
+
+
+def _port_chunks(ports: list[int | str]) -> list[str]:
+    """Split a port list into multiport-sized pieces (a range counts twice)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for port in ports:
+        cost = 2 if ":" in str(port) else 1
+        if used + cost > MULTIPORT_MAX:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(str(port))
+        used += cost
+    return [",".join(c) for c in chunks if c]
+
+
+def rule_lines(rule: Rule) -> list[str]:
+    """iptables rule bodies for one rule; several when positive port lists
+    need more than one multiport match (their cross product)."""
+    m = rule.match
+    base: list[str] = []
+    for neg in ("", "!"):
+        proto = m.get(f"{neg}protocol")
+        if proto is not None:
+            base.append(f"{'! ' if neg else ''}-p {proto}")
+    for side, flag in (("src", "-s"), ("dst", "-d")):
+        for neg in ("", "!"):
+            net = m.get(f"{neg}{side}_net")
+            if net is not None:
+                base.append(f"{'! ' if neg else ''}{flag} {net}")
+            tag = m.get(f"{neg}{side}_tag")
+            if tag is not None:
+                bang = "! " if neg else ""
+                base.append(f"-m set {bang}--match-set {tag_ipset(tag)} {side}")
+    for neg in ("", "!"):
+        itype = m.get(f"{neg}icmp_type")
+        if itype is not None:
+            code = m.get("icmp_code")
+            value = f"{itype}/{code}" if code is not None and not neg else str(itype)
+            base.append(f"-m icmp {'! ' if neg else ''}--icmp-type {value}")
+    if "!icmp_code" in m and "icmp_type" in m:
+        # "type T but not code C": a separate negated type/code match.
+        base.append(f"-m icmp ! --icmp-type {m['icmp_type']}/{m['!icmp_code']}")
+    variants = [base]
+    proto = m.get("protocol")
+    for side, opt in (("src", "--sports"), ("dst", "--dports")):
+        if proto not in PORT_PROTOCOLS:
+            break
+        negated = m.get(f"!{side}_ports")
+        if negated:
+            for chunk in _port_chunks(negated):
+                for v in variants:
+                    v.append(f"-m multiport ! {opt} {chunk}")
+        positive = m.get(f"{side}_ports")
+        if positive:
+            variants = [
+                [*v, f"-m multiport {opt} {chunk}"]
+                for v in variants
+                for chunk in _port_chunks(positive)
+            ]
+    lines: list[str] = []
+    for v in variants:
+        match = " ".join(v)
+        prefix = f"{match} " if match else ""
+        if rule.action == "deny":
+            lines.append(f"{prefix}-j DROP")
+        else:
+            lines.append(f"{prefix}-j MARK --set-xmark {ACCEPT_MARK}/{ACCEPT_MARK}")
+            lines.append(f"-m mark --mark {ACCEPT_MARK}/{ACCEPT_MARK} -j RETURN")
+    return lines
