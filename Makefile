@@ -25,7 +25,7 @@ run: deps
 	$(VENV)/bin/calicnm node run
 
 lint: deps
-	$(VENV)/bin/ruff check calicnm tests
+	$(VENV)/bin/ruff check calicnm tests bench
 	$(VENV)/bin/ruff format --check calicnm
 	$(VENV)/bin/mypy
 

@@ -25,13 +25,22 @@ ACTIONS = ("allow", "deny")
 PROTOCOL_NAMES = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "udplite": 136}
 PORT_PROTOCOLS = ("tcp", "udp")
 MATCH_FIELDS = (
-    "protocol", "src_net", "dst_net", "src_tag", "dst_tag", "src_ports", "dst_ports",
-    "icmp_type", "icmp_code",
+    "protocol",
+    "src_net",
+    "dst_net",
+    "src_tag",
+    "dst_tag",
+    "src_ports",
+    "dst_ports",
+    "icmp_type",
+    "icmp_code",
 )
 KNOWN_FIELDS = ("action", *MATCH_FIELDS, *(f"!{m}" for m in MATCH_FIELDS))
 DIRECTIONS = ("inbound", "outbound")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which let "web\n"
+# through as a name (and into an etcd key).
+_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_name(value: object, what: str) -> str:
@@ -234,13 +243,17 @@ class Profile:
         if not isinstance(data, dict):
             raise InvalidRequest("profile must be a JSON object")
         pname = check_name(name or data.get("id"), "profile name")
-        tags = data.get("tags") or []
+        tags = data.get("tags")
+        tags = [] if tags is None else tags
         if not isinstance(tags, list):
             raise InvalidRequest("tags must be a list")
         problems = []
         rules: dict[str, list[Rule]] = {"inbound": [], "outbound": []}
         for direction in DIRECTIONS:
-            items = data.get(f"{direction}_rules") or []
+            # Only null means "none": a falsy non-list ({}, "", 0) is refused
+            # below instead of silently emptying the rules.
+            items = data.get(f"{direction}_rules")
+            items = [] if items is None else items
             if not isinstance(items, list):
                 problems.append(f"{direction}_rules must be a list")
                 continue
@@ -281,8 +294,10 @@ def parse_rule_spec(words: list[str]) -> Rule:
     def put(key: str, text: str) -> None:
         if text.startswith("!"):
             key, text = f"!{key}", text[1:]
-        if key.lstrip("!") in {k.lstrip("!") for k in data}:
-            raise InvalidRequest(f"rule: {key.lstrip('!')} given twice")
+        # A field and its negation may both appear ("from cidr A cidr !B"), as
+        # pprint writes them; from_dict refuses the combinations that clash.
+        if key in data:
+            raise InvalidRequest(f"rule: {key} given twice")
         value: Any = text
         if key.endswith("_ports"):
             value = [int(p) if p.isdigit() else p for p in text.split(",") if p]

@@ -68,6 +68,7 @@ class CalicnmHost:
             CALICNM_SOCKET=str(self.socket),
             CALICNM_STATE_DIR=str(self.state_dir),
             CALICNM_LOG_LEVEL="DEBUG",
+            CALICNM_RESYNC_INTERVAL="3",
             DOCKER_HOST=f"unix://{self.dockerd.sock}",
         )
         if self.etcd_endpoints:

@@ -13,7 +13,8 @@ from tests.conftest import VENV_BIN
 pytestmark = pytest.mark.etcd
 
 
-def run(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real calicnm command against ``url``, with a clean environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "CALICNM"))}
     env.update(ETCD_ENDPOINTS=url, CALICNM_HOSTNAME="cli-host")
     return subprocess.run(
@@ -21,6 +22,7 @@ def run(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=env,
+        input=stdin,
         timeout=60,
     )
 

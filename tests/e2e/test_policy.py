@@ -1,0 +1,185 @@
+"""Profiles and ACLs with real traffic between containers on one emulated host.
+
+Every check polls (bounded) because policy is applied asynchronously by the
+agent; the benchmark, not these tests, measures how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import CalicnmHost, wait_until
+from tests.e2e.test_operator_flow import assert_nothing_left
+from tests.harness import DEFAULT_IMAGE as IMG
+
+POLL = 5.0
+
+
+@pytest.fixture(scope="module")
+def nets(host: CalicnmHost) -> Iterator[dict[str, str]]:
+    """dataman: web (httpd on 80 and 8080) and peer; billing: outsider."""
+    host.create_network("dataman")
+    host.create_network("billing")
+    serve = "echo hello > /www/index.html; httpd -p 8080 -h /www; exec httpd -f -v -p 80 -h /www"
+    host.docker("run", "-d", "--net", "dataman", "--name", "web", IMG, "sh", "-c", serve)
+    host.docker("run", "-d", "--net", "dataman", "--name", "peer", IMG, "sleep", "1000")
+    host.docker("run", "-d", "--net", "billing", "--name", "outsider", IMG, "sh", "-c", serve)
+    ips = {
+        "web": host.ip_of("web", "dataman"),
+        "peer": host.ip_of("peer", "dataman"),
+        "outsider": host.ip_of("outsider", "billing"),
+    }
+    wait_until(
+        lambda: host.calicnm("profile", "show", check=False).stdout.count("dataman"),
+        15,
+        "the dataman profile",
+    )
+    yield ips
+    host.docker("rm", "-f", "web", "peer", "outsider", check=False)
+    host.docker("network", "rm", "dataman", "billing", check=False)
+    assert_nothing_left(host)
+
+
+def ping(host: CalicnmHost, src: str, ip: str) -> bool:
+    out = host.docker_run("exec", src, "ping", "-c", "1", "-W", "1", ip)
+    return "1 packets received" in out.stdout
+
+
+def http(host: CalicnmHost, src: str, ip: str, port: int = 80) -> bool:
+    out = host.docker_run(
+        "exec",
+        src,
+        "sh",
+        "-c",
+        f"rm -f /tmp/f; busybox timeout 2 wget -q -O /tmp/f http://{ip}:{port}/index.html"
+        " && cat /tmp/f",
+    )
+    return out.stdout.strip() == "hello"
+
+
+def eventually(check, expected: bool, what: str) -> None:
+    """``check()`` settles on ``expected`` within POLL seconds."""
+    wait_until(lambda: check() == expected, POLL, what, interval=0.1)
+
+
+def never(check, what: str, seconds: float = 1.5) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not check(), what
+        time.sleep(0.2)
+
+
+def rules(host: CalicnmHost, profile: str, *args: str) -> str:
+    return host.calicnm("profile", profile, "rule", *args).stdout
+
+
+def test_network_profile_is_created_with_calico_defaults(host: CalicnmHost, nets) -> None:
+    assert rules(host, "dataman", "show") == (
+        "Inbound rules:\n   1 allow from tag dataman\nOutbound rules:\n   1 allow\n"
+    )
+    assert host.calicnm("profile", "dataman", "tag", "show").stdout.split() == ["dataman"]
+
+
+def test_same_network_talks_other_network_is_denied(host: CalicnmHost, nets) -> None:
+    assert ping(host, "peer", nets["web"]) and http(host, "peer", nets["web"])
+    assert ping(host, "web", nets["peer"])
+    never(lambda: ping(host, "outsider", nets["web"]), "billing pinged dataman")
+    never(lambda: http(host, "outsider", nets["web"]), "billing reached dataman's web")
+    never(lambda: ping(host, "web", nets["outsider"]), "dataman pinged billing")
+    never(lambda: http(host, "web", nets["outsider"]), "dataman reached billing's web")
+
+
+def test_rules_change_running_containers(host: CalicnmHost, nets) -> None:
+    web, out = nets["web"], nets["outsider"]
+    # allow tcp to ports 80,443: exactly those ports open from outside the tag.
+    rules(host, "dataman", "add", "inbound", "allow", "tcp", "to", "ports", "80,443")
+    eventually(lambda: http(host, "outsider", web), True, "port 80 opened to billing")
+    assert not http(host, "outsider", web, 8080)
+    assert not ping(host, "outsider", web)
+    # ICMP type rules.
+    rules(host, "dataman", "add", "inbound", "allow", "icmp", "type", "8")
+    eventually(lambda: ping(host, "outsider", web), True, "echo requests allowed")
+    # deny from cidr at position 1 beats the later allows.
+    rules(host, "dataman", "add", "inbound", "--at=1", "deny", "from", "cidr", f"{out}/32")
+    eventually(lambda: http(host, "outsider", web), False, "deny from cidr wins")
+    assert not ping(host, "outsider", web)
+    assert http(host, "peer", web), "the deny is only for the outsider"
+    # remove it again: the allows apply once more.
+    rules(host, "dataman", "remove", "inbound", "--at=1")
+    eventually(lambda: http(host, "outsider", web), True, "deny removed")
+    # rule json | rule update round trip back to the defaults.
+    exported = json.loads(rules(host, "dataman", "json"))
+    exported["inbound_rules"] = exported["inbound_rules"][:1]
+    updated = host.calicnm("profile", "dataman", "rule", "update", input=json.dumps(exported))
+    assert "Successfully updated rules on profile dataman" in updated.stdout
+    eventually(lambda: http(host, "outsider", web), False, "rules back to the defaults")
+    eventually(lambda: ping(host, "outsider", web), False, "icmp closed again")
+
+
+def test_tag_membership_follows_endpoint_profiles(host: CalicnmHost, nets) -> None:
+    web = nets["web"]
+    host.calicnm("profile", "add", "WEB")
+    rules(host, "dataman", "add", "inbound", "allow", "from", "tag", "WEB")
+    eid = host.docker(
+        "inspect", "-f", "{{.NetworkSettings.Networks.billing.EndpointID}}", "outsider"
+    )
+    never(lambda: http(host, "outsider", web), "not yet a WEB member", seconds=0.5)
+    appended = host.calicnm("endpoint", eid, "profile", "append", "WEB")
+    assert "Profile(s) WEB appended." in appended.stdout
+    eventually(lambda: http(host, "outsider", web), True, "WEB member allowed")
+    # The outsider keeps its own network's policy too: dataman can't reach it.
+    assert not http(host, "web", nets["outsider"])
+    host.calicnm("endpoint", eid, "profile", "remove", "WEB")
+    eventually(lambda: http(host, "outsider", web), False, "no longer a WEB member")
+    rules(host, "dataman", "remove", "inbound", "allow", "from", "tag", "WEB")
+    host.calicnm("profile", "remove", "WEB")
+
+
+def test_spoofed_source_addresses_are_dropped(host: CalicnmHost, nets) -> None:
+    script = (
+        f"ip addr add {nets['peer']}/32 dev eth0 && "
+        f"ping -c 1 -W 1 -I {nets['peer']} {nets['web']}; "
+        f"ping -c 1 -W 1 {nets['web']}"
+    )
+    out = host.docker_run(
+        "run", "--rm", "--cap-add", "NET_ADMIN", "--net", "dataman", IMG, "sh", "-c", script
+    )
+    results = [line for line in out.stdout.splitlines() if "packets received" in line]
+    assert results[0].startswith("1 packets transmitted, 0 packets received"), out.stdout
+    assert results[1].startswith("1 packets transmitted, 1 packets received"), out.stdout
+
+
+def test_kill_9_keeps_policy_and_restart_converges(host: CalicnmHost, nets) -> None:
+    def ruleset() -> list[str]:
+        saved = host.netns.run(["iptables-save", "-t", "filter"]).stdout
+        return sorted(line for line in saved.splitlines() if "calicnm" in line)
+
+    before = ruleset()
+    assert host.stop_node(sig=signal.SIGKILL) is not None
+    wait_until(lambda: not host.answering(), 20, "the plugin to go")
+    # While the node is down: connectivity and isolation are unchanged.
+    assert ping(host, "peer", nets["web"]) and http(host, "peer", nets["web"])
+    never(lambda: http(host, "outsider", nets["web"]), "isolation held while down")
+    subprocess.run(["pkill", "-f", "--", f"--data-dir {host.state_dir}/etcd"], check=False)
+    if host.socket.exists():
+        host.socket.unlink()
+    host.start_node()
+    assert ruleset() == before, "no duplicate and no missing rule after the restart"
+    assert http(host, "peer", nets["web"])
+    never(lambda: http(host, "outsider", nets["web"]), "isolation after restart")
+
+
+def test_drift_is_repaired(host: CalicnmHost, nets) -> None:
+    ns = host.netns
+    ns.run(["iptables", "-w", "-D", "FORWARD", "-j", "calicnm-FORWARD"])
+    ns.run(["ipset", "flush", "calicnm-t-dataman"])
+    ns.run(["ip", "route", "del", f"{nets['web']}/32"])
+    host.calicnm("profile", "dataman", "tag", "show")  # nothing to do with the repair
+    wait_until(lambda: http(host, "peer", nets["web"]), 15, "drift repaired by resync")
+    assert ns.run(["iptables", "-w", "-S", "FORWARD"]).stdout.count("calicnm-FORWARD") == 1
