@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from calicnm import keys
-from calicnm.datastore import Store, create, replace
+from calicnm.datastore import Store, replace
 from calicnm.model import Network
-from calicnm.policy import Profile
+from calicnm.policy_store import ensure_profile
 
 _log = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ SLOW_SECONDS = 30.0
 
 
 class NetworkNamer:
-    """Fills ``docker_name`` of network records that lack one, and makes sure
-    the profile named after the network exists."""
+    """Fills ``docker_name`` of network records that lack one, and creates
+    the profile named after the network (``-o profile`` networks got theirs
+    at CreateNetwork)."""
 
     def __init__(
         self, store: Store, docker: DockerAPI, clock: Callable[[], float] = time.monotonic
@@ -104,8 +105,6 @@ class NetworkNamer:
         now = self._clock()
         eager = False
         for network in networks:
-            if network.profile:
-                ensure_profile(self._store, network.profile)
             if network.docker_name:
                 continue
             first = self._first_seen.setdefault(network.id, now)
@@ -136,13 +135,3 @@ class NetworkNamer:
             _log.info("network named network=%s name=%s", network.id[:12], name)
             if not current.profile:
                 ensure_profile(self._store, name)
-
-
-def ensure_profile(store: Store, name: str) -> None:
-    """Create the network's default profile unless it exists: tag NAME, allow
-    inbound from tag NAME, allow all outbound.  Two hosts naming the same
-    network race harmlessly: create-if-absent keeps the first."""
-    if store.get(keys.profile(name)) is None and create(
-        store, keys.profile(name), Profile.default(name).to_json()
-    ):
-        _log.info("profile created profile=%s", name)

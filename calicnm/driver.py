@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from calicnm import keys
 from calicnm.datastore import Store, create
-from calicnm.docker_names import ensure_profile
 from calicnm.endpoint import (
     LinkPlan,
     check_id,
@@ -45,6 +44,7 @@ from calicnm.errors import (
 )
 from calicnm.ipam import Allocator, PoolRef
 from calicnm.model import Endpoint, IPv4Network, Network, parse_address, parse_network
+from calicnm.policy_store import ensure_profile
 
 _log = logging.getLogger(__name__)
 
