@@ -133,23 +133,42 @@ def plugin_activate(path: str, timeout: float = 3.0) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def cmd_status(ctx: Context) -> int:
+def status_report(ctx: Context) -> tuple[bool, list[str]]:
     ok = True
+    lines = []
     path = ctx.config.socket
     try:
         implements = plugin_activate(path).get("Implements", [])
-        out(f"calicnm plugin is answering on {path} (implements {', '.join(implements)})")
+        lines.append(f"calicnm plugin is answering on {path} (implements {', '.join(implements)})")
     except OSError as exc:
         ok = False
-        out(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
+        lines.append(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
     try:
         endpoints = ctx.store.list(keys.endpoints_prefix(ctx.config.hostname))
-        out(f"etcd is reachable at {ctx.store.describe()}")
-        out(f"host {ctx.config.hostname}: {len(endpoints)} endpoint(s)")
+        lines.append(f"etcd is reachable at {ctx.store.describe()}")
+        lines.append(f"host {ctx.config.hostname}: {len(endpoints)} endpoint(s)")
     except CalicnmError as exc:
         ok = False
-        out(f"etcd: {exc}")
+        lines.append(f"etcd: {exc}")
+    return ok, lines
+
+
+def cmd_status(ctx: Context) -> int:
+    ok, lines = status_report(ctx)
+    for line in lines:
+        out(line)
     return 0 if ok else 1
+
+
+def cmd_diags(ctx: Context) -> int:
+    from calicnm.diags import collect
+
+    out_dir = ctx.args.out or os.getcwd()
+    if not os.path.isdir(out_dir):
+        raise InvalidRequest(f"--out {out_dir} is not a directory")
+    path = collect(ctx.config, ctx.store, out_dir, lambda: "\n".join(status_report(ctx)[1]) + "\n")
+    out(f"Diagnostics written to {path}")
+    return 0
 
 
 # ---- pool ------------------------------------------------------------------
@@ -774,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     leaf(sub, "status", cmd_status, "is this host's calicnm up?")
+    diags = leaf(sub, "diags", cmd_diags, "collect diagnostics into a tarball")
+    diags.add_argument("--out", help="directory for the tarball (default: current)")
+    add_arguments(diags, ["state_dir"], subcommand=True)
 
     node = sub.add_parser("node", help="run or inspect calicnm nodes")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")

@@ -94,3 +94,24 @@ def test_ipam_info_and_release(etcd_store, etcd_server):
         f"Address {addr} released"
     )
     assert "The address is free." in run(etcd_server.url, "ipam", "info", str(addr)).stdout
+
+
+def test_diags_collects_even_when_etcd_is_down(etcd_store, etcd_server, tmp_path):
+    import tarfile
+
+    assert run(etcd_server.url, "pool", "add", "10.30.0.0/24").returncode == 0
+    result = run(etcd_server.url, "diags", "--out", str(tmp_path), "--state-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip().removeprefix("Diagnostics written to ")
+    with tarfile.open(path) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames()}
+        dump = tar.extractfile(next(n for n in tar.getnames() if n.endswith("etcd-calicnm.txt")))
+        assert "/calicnm/v1/ipam/v4/pools/10.30.0.0-24" in dump.read().decode()
+    assert {"iptables-save.txt", "ipset-list.txt", "ip-route.txt", "status.txt"} <= names
+
+    down = run("http://127.0.0.1:1", "diags", "--out", str(tmp_path))
+    assert down.returncode == 0
+    path = down.stdout.strip().removeprefix("Diagnostics written to ")
+    with tarfile.open(path) as tar:
+        dump = tar.extractfile(next(n for n in tar.getnames() if n.endswith("etcd-calicnm.txt")))
+        assert "cannot read etcd" in dump.read().decode()

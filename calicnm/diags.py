@@ -1,0 +1,86 @@
+"""``calicnm diags``: one tarball with what a support engineer asks for first.
+
+Every source is collected independently: a command that is missing or
+fails, or an etcd that cannot be reached, is recorded in that file and
+the rest is still collected (diagnostics matter most when something is
+broken).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+
+from calicnm import keys
+from calicnm.config import Config
+from calicnm.datastore import Store
+
+COMMANDS = {
+    "date.txt": ["date", "-u"],
+    "ip-link.txt": ["ip", "-d", "link", "show"],
+    "ip-addr.txt": ["ip", "-4", "addr", "show"],
+    "ip-route.txt": ["ip", "-4", "route", "show", "table", "all"],
+    "ip-neigh.txt": ["ip", "-4", "neigh", "show"],
+    "iptables-save.txt": ["iptables-save"],
+    "ipset-list.txt": ["ipset", "list"],
+    "sysctl-net.txt": [
+        "sysctl",
+        "-a",
+        "-r",
+        r"net\.ipv4\.(ip_forward|conf\..*\.(rp_filter|proxy_arp|forwarding))",
+    ],
+}
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"$ {' '.join(argv)}\nfailed to run: {exc}\n"
+    return f"$ {' '.join(argv)} (exit {proc.returncode})\n{proc.stdout}{proc.stderr}"
+
+
+def _etcd_dump(store: Store) -> str:
+    lines = []
+    for kv in store.list(keys.ROOT + "/"):
+        lines.append(f"{kv.key} (rev {kv.revision})\n  {kv.value}")
+    return "\n".join(lines) + "\n"
+
+
+def _tail(path: str, limit: int = 200_000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            return fh.read().decode(errors="replace")
+    except OSError as exc:
+        return f"cannot read {path}: {exc}\n"
+
+
+def collect(config: Config, store: Store, out_dir: str, status: Callable[[], str]) -> str:
+    """Write the tarball into ``out_dir``; returns its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name = f"calicnm-diags-{config.hostname}-{stamp}"
+    path = os.path.join(out_dir, f"{name}.tar.gz")
+    files: dict[str, str] = {"hostname.txt": socket.gethostname() + "\n"}
+    files["config.txt"] = "".join(f"{k}={v}\n" for k, v in sorted(config.to_env().items()))
+    files["status.txt"] = status()
+    for filename, argv in COMMANDS.items():
+        files[filename] = _run(argv)
+    try:
+        files["etcd-calicnm.txt"] = _etcd_dump(store)
+    except Exception as exc:  # record whatever went wrong; collect the rest
+        files["etcd-calicnm.txt"] = f"cannot read etcd: {exc}\n"
+    files["etcd.log"] = _tail(os.path.join(config.state_dir, "etcd.log"))
+    with tarfile.open(path, "w:gz") as tar:
+        for filename, text in sorted(files.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}/{filename}")
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return path
