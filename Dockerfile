@@ -12,7 +12,7 @@ FROM debian:bookworm-slim
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv iproute2 iptables ipset etcd-server ca-certificates \
+      python3 python3-venv iproute2 iptables ipset bird2 etcd-server ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/calicnm

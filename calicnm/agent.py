@@ -26,17 +26,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from calicnm import keys
-from calicnm.datastore import Store
+from calicnm.bgp import BgpConfig, Peer
+from calicnm.datastore import KV, Store
 from calicnm.errors import CalicnmError
-from calicnm.model import Endpoint, Network, effective_profiles
+from calicnm.model import Endpoint, Host, IPv4Network, Network, Pool, effective_profiles
 from calicnm.policy import Profile
 from calicnm.profiles import Dataplane, LocalEndpoint, compile_dataplane, tag_members
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Routes(Protocol):
@@ -53,9 +55,25 @@ class Applier(Protocol):
 
 @dataclass(frozen=True)
 class Snapshot:
+    """Everything the host's kernel and BGP state derive from, read in one pass."""
+
     profiles: dict[str, Profile | None]
     networks: dict[str, Network]
     endpoints: list[Endpoint]
+    hosts: list[Host] = field(default_factory=list)
+    pools: list[Pool] = field(default_factory=list)
+    affinity: dict[str, list[IPv4Network]] = field(default_factory=dict)
+    bgp: BgpConfig = field(default_factory=BgpConfig)
+    global_peers: list[Peer] = field(default_factory=list)
+    node_peers: dict[str, list[Peer]] = field(default_factory=dict)
+
+
+def _parse(kv: KV, parse: Callable[[str], T], what: str) -> T | None:
+    try:
+        return parse(kv.value)
+    except CalicnmError as exc:
+        _log.error("%s record %s is unreadable: %s", what, kv.key, exc)
+        return None
 
 
 def read_snapshot(store: Store) -> Snapshot:
@@ -75,15 +93,39 @@ def read_snapshot(store: Store) -> Snapshot:
             _log.error("network record %s is unreadable: %s", kv.key, exc)
             continue
         networks[network.id] = network
-    endpoints = []
+    endpoints: list[Endpoint] = []
+    hosts: list[Host] = []
+    node_peers: dict[str, list[Peer]] = {}
     for kv in store.list(keys.HOSTS):
-        if "/endpoints/" not in kv.key:
-            continue
-        try:
-            endpoints.append(Endpoint.from_json(kv.value))
-        except CalicnmError as exc:
-            _log.error("endpoint record %s is unreadable: %s", kv.key, exc)
-    return Snapshot(profiles, networks, endpoints)
+        if "/endpoints/" in kv.key:
+            if (ep := _parse(kv, Endpoint.from_json, "endpoint")) is not None:
+                endpoints.append(ep)
+        elif kv.key.endswith("/meta"):
+            if (host := _parse(kv, Host.from_json, "host")) is not None:
+                hosts.append(host)
+        elif "/peers/" in kv.key and (peer := _parse(kv, Peer.from_json, "peer")) is not None:
+            node_peers.setdefault(keys.host_of_endpoint_key(kv.key), []).append(peer)
+    pools = [pool for kv in store.list(keys.POOLS) if (pool := _parse(kv, Pool.from_json, "pool"))]
+    affinity: dict[str, list[IPv4Network]] = {}
+    for kv in store.list(keys.AFFINITY):
+        owner, _, cidr = kv.key[len(keys.AFFINITY) :].partition("/")
+        affinity.setdefault(owner, []).append(keys.parse_cidr(cidr))
+    bgp_kv = store.get(keys.BGP_CONFIG)
+    bgp = _parse(bgp_kv, BgpConfig.from_json, "BGP config") if bgp_kv else None
+    global_peers = [
+        gp for kv in store.list(keys.GLOBAL_PEERS) if (gp := _parse(kv, Peer.from_json, "peer"))
+    ]
+    return Snapshot(
+        profiles,
+        networks,
+        endpoints,
+        hosts,
+        pools,
+        affinity,
+        bgp or BgpConfig(),
+        global_peers,
+        node_peers,
+    )
 
 
 class Markers:
@@ -118,7 +160,7 @@ class Agent:
         routes: Routes,
         markers: Markers,
         resync: float = 30.0,
-        on_snapshot: Callable[[Snapshot], bool] | None = None,
+        hooks: list[Callable[[Snapshot], bool]] | None = None,
     ) -> None:
         self._store = store
         self._host = host
@@ -126,7 +168,7 @@ class Agent:
         self._routes = routes
         self._markers = markers
         self._resync = resync
-        self._on_snapshot = on_snapshot
+        self._hooks = hooks or []
         self._routed: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self._wake = threading.Event()
         self._cancel_watch: Callable[[], None] | None = None
@@ -140,7 +182,15 @@ class Agent:
         """One pass; returns True when something still waits (a veth not
         there yet, a network not named yet), so the caller comes back soon."""
         snapshot = read_snapshot(self._store)
-        waiting = bool(self._on_snapshot and self._on_snapshot(snapshot))
+        waiting = False
+        for hook in self._hooks:
+            # Each hook (network naming, BGP) keeps its own state; one
+            # failing must not stop the kernel from being programmed.
+            try:
+                waiting = hook(snapshot) or waiting
+            except CalicnmError as exc:
+                _log.warning("agent hook %s failed: %s", getattr(hook, "__name__", hook), exc)
+                waiting = True
         local = [e for e in snapshot.endpoints if e.host == self._host]
         every = [
             (

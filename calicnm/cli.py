@@ -26,7 +26,6 @@ from calicnm.errors import CalicnmError, Conflict, InvalidRequest, NotFound
 from calicnm.ipam import Allocator
 from calicnm.model import (
     Endpoint,
-    Host,
     Network,
     Pool,
     effective_profiles,
@@ -41,6 +40,7 @@ NODE_SETTINGS = [
     *ETCD_SETTINGS,
     "hostname",
     "ip",
+    "as_num",
     "socket",
     "log_level",
     "state_dir",
@@ -89,27 +89,6 @@ def cmd_node_run(ctx: Context) -> int:
     return Node(ctx.config).run()
 
 
-def cmd_node_show(ctx: Context) -> int:
-    hosts = [
-        Host.from_json(kv.value) for kv in ctx.store.list(keys.HOSTS) if kv.key.endswith("/meta")
-    ]
-    counts: dict[str, int] = {}
-    for kv in ctx.store.list(keys.HOSTS):
-        if "/endpoints/" in kv.key:
-            host = keys.host_of_endpoint_key(kv.key)
-            counts[host] = counts.get(host, 0) + 1
-    if ctx.args.json:
-        emit_json([{"name": h.name, "ip": h.ip, "endpoints": counts.get(h.name, 0)} for h in hosts])
-        return 0
-    out(
-        table.render(
-            ["Hostname", "IPv4", "Endpoints"],
-            [[h.name, h.ip or "", counts.get(h.name, 0)] for h in hosts],
-        )
-    )
-    return 0
-
-
 # ---- status ----------------------------------------------------------------
 
 
@@ -154,8 +133,10 @@ def status_report(ctx: Context) -> tuple[bool, list[str]]:
 
 
 def cmd_status(ctx: Context) -> int:
+    from calicnm.cli_bgp import bgp_status_lines
+
     ok, lines = status_report(ctx)
-    for line in lines:
+    for line in [*lines, *bgp_status_lines(ctx.config.state_dir)]:
         out(line)
     return 0 if ok else 1
 
@@ -792,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    leaf(sub, "status", cmd_status, "is this host's calicnm up?")
+    status = leaf(sub, "status", cmd_status, "is this host's calicnm up? BGP peers")
+    add_arguments(status, ["state_dir"], subcommand=True)
     diags = leaf(sub, "diags", cmd_diags, "collect diagnostics into a tarball")
     diags.add_argument("--out", help="directory for the tarball (default: current)")
     add_arguments(diags, ["state_dir"], subcommand=True)
@@ -801,8 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     run = leaf(node_sub, "run", cmd_node_run, "run this host's node in the foreground")
     add_arguments(run, NODE_SETTINGS, subcommand=True)
-    show = leaf(node_sub, "show", cmd_node_show, "list registered hosts")
-    show.add_argument("--json", action="store_true")
+    from calicnm.cli_bgp import register
+
+    register(sub, node_sub, leaf)
 
     pool = sub.add_parser("pool", help="address pools")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")

@@ -43,6 +43,9 @@ SETTINGS = {
     "ip": Setting(
         "CALICNM_IP", "--ip", "this host's address, as other hosts reach it (default: detected)"
     ),
+    "as_num": Setting(
+        "CALICNM_AS", "--as", "this host's BGP AS number (default: the global default-node-as)"
+    ),
     "socket": Setting("CALICNM_SOCKET", "--socket", "plugin socket path", DEFAULT_SOCKET),
     "log_level": Setting(
         "CALICNM_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING or ERROR", "INFO"
@@ -101,6 +104,7 @@ class Config:
     etcd_key_file: str | None = None
     hostname: str = field(default_factory=socket.gethostname)
     ip: str | None = None
+    as_num: str | None = None
     socket: str = DEFAULT_SOCKET
     log_level: str = "INFO"
     state_dir: str = DEFAULT_STATE_DIR
@@ -132,6 +136,14 @@ class Config:
             if value is not None:
                 out[SETTINGS[f.name].env] = str(value)
         return out
+
+    @property
+    def as_number(self) -> int | None:
+        if self.as_num is None:
+            return None
+        from calicnm.bgp import check_as
+
+        return check_as(self.as_num)
 
     @property
     def marker_dir(self) -> str:

@@ -11,6 +11,9 @@ means a new ``/calicnm/v2`` root and a migration, not an edit.
     /calicnm/v1/ipam/v4/affinity/<host>/<cidr>      "" marker: host owns block
     /calicnm/v1/networks/<network id>               Network (CreateNetwork data)
     /calicnm/v1/profiles/<name>                     Profile (tags and rules)
+    /calicnm/v1/bgp/config                          BgpConfig (node mesh, default AS)
+    /calicnm/v1/bgp/peers/<ip>                      Peer every host peers with
+    /calicnm/v1/hosts/<host>/peers/<ip>             Peer of that host only
     /calicnm/v1/hosts/<host>/meta                   Host registration
     /calicnm/v1/hosts/<host>/endpoints/<id>         Endpoint on that host
 
@@ -43,6 +46,20 @@ AFFINITY = f"{ROOT}/ipam/v4/affinity/"
 NETWORKS = f"{ROOT}/networks/"
 HOSTS = f"{ROOT}/hosts/"
 PROFILES = f"{ROOT}/profiles/"
+BGP_CONFIG = f"{ROOT}/bgp/config"
+GLOBAL_PEERS = f"{ROOT}/bgp/peers/"
+
+
+def global_peer(ip: str) -> str:
+    return GLOBAL_PEERS + ip
+
+
+def node_peers_prefix(host: str) -> str:
+    return f"{HOSTS}{host}/peers/"
+
+
+def node_peer(host: str, ip: str) -> str:
+    return node_peers_prefix(host) + ip
 
 
 def profile(name: str) -> str:

@@ -26,10 +26,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from calicnm import keys
-from calicnm.agent import Agent, Markers
+from calicnm.agent import Agent, Markers, Snapshot
+from calicnm.bird import Bird
 from calicnm.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.config import Config
 from calicnm.dataplane import PolicyDataplane
@@ -42,6 +44,7 @@ from calicnm.ipsets import Ipsets
 from calicnm.iptables import Iptables
 from calicnm.model import Host
 from calicnm.plumbing import HostPlumbing, host_addresses
+from calicnm.routing import BgpSync
 from calicnm.services import EMBEDDED_ETCD_URL, build_store
 
 _log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class Node:
         self._plugin: Child | None = None
         self._store: EtcdStore | None = None
         self._agent_thread: threading.Thread | None = None
+        self._bird: Bird | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         _log.info("signal %d received; stopping", signum)
@@ -106,8 +110,8 @@ class Node:
         config = self.config
         check_kernel_settings()
         ensure_forwarding()
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         if not config.etcd_endpoints:
-            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
             self._etcd = embedded_etcd(config.state_dir)
             self._etcd.start()
             config = dataclasses.replace(config, etcd_endpoints=EMBEDDED_ETCD_URL)
@@ -120,12 +124,20 @@ class Node:
         ip = config.ip or detect_ip(host_addresses())
         if ip is None:
             raise InvalidRequest("cannot detect this host's address; pass --ip or CALICNM_IP")
-        register_host(store, Host(name=config.hostname, ip=ip))
+        register_host(store, Host(name=config.hostname, ip=ip, as_num=config.as_number))
         _log.info("host registered name=%s ip=%s", config.hostname, ip)
         if config.default_pools and Allocator(store, config.hostname).ensure_default_pool():
             _log.info("default pool created")
 
         namer = NetworkNamer(store, DockerAPI(config.docker_host))
+        hooks: list[Callable[[Snapshot], bool]] = [
+            lambda snap: namer.tick(list(snap.networks.values()))
+        ]
+        if Bird.available():
+            self._bird = Bird(config.state_dir)
+            hooks.append(BgpSync(self._bird, config.hostname))
+        else:
+            _log.warning("bird is not installed: routes to other hosts are not distributed")
         self._agent = Agent(
             store,
             config.hostname,
@@ -133,7 +145,7 @@ class Node:
             HostPlumbing(),
             Markers(config.marker_dir),
             resync=config.resync_seconds,
-            on_snapshot=lambda snap: namer.tick(list(snap.networks.values())),
+            hooks=hooks,
         )
         self._agent.reconcile(full=True)
         _log.info("kernel converged with etcd")
@@ -175,7 +187,8 @@ class Node:
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + RESYNC_SECONDS
                     if self._store is not None:
-                        register_host(self._store, Host(self.config.hostname, self._host_ip()))
+                        host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
+                        register_host(self._store, host)
                 if self._etcd is not None and not self._etcd.alive():
                     _log.error("embedded etcd died; restarting it")
                     self._etcd.stop()
@@ -203,6 +216,11 @@ class Node:
             self._agent.wake()
             self._agent_thread.join(timeout=10)
         _remove_socket(self.config.socket)
+        if self._bird is not None:
+            try:
+                self._bird.stop()
+            except CalicnmError as exc:
+                _log.warning("stopping bird: %s", exc)
         if self._store is not None:
             self._store.close()
         if self._etcd is not None:

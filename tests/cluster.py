@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.harness import DEFAULT_IMAGE, DockerHost, Fabric, Netns, Process
+from tests.harness import DEFAULT_IMAGE, FABRIC_ADDRESS, DockerHost, Fabric, Netns, Process
 
 REPO = Path(__file__).resolve().parents[1]
 CALICNM = str(REPO / ".venv" / "bin" / "calicnm")
@@ -218,3 +218,60 @@ def single_host(workdir: Path, hostname: str = "host1") -> Iterator[CalicnmHost]
             yield host.start()
         finally:
             host.close()
+
+
+class Cluster:
+    """A fabric, an etcd on it (in the fabric namespace, as a datacenter etcd on
+    its own machine) and ``n`` calicnm hosts using that etcd."""
+
+    def __init__(self, workdir: Path, n: int) -> None:
+        self.workdir = workdir
+        self.n = n
+        self.fabric = Fabric()
+        self.hosts: list[CalicnmHost] = []
+        self.etcd: Process | None = None
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://{FABRIC_ADDRESS}:2379"
+
+    def start(self) -> Cluster:
+        self.fabric.create()
+        url = self.etcd_url
+        self.etcd = self.fabric.netns.process(
+            ["etcd", "--name", "dc", "--data-dir", str(self.workdir / "etcd"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", f"http://{FABRIC_ADDRESS}:2380",
+             "--initial-advertise-peer-urls", f"http://{FABRIC_ADDRESS}:2380",
+             "--initial-cluster", f"dc=http://{FABRIC_ADDRESS}:2380"],
+            self.workdir / "etcd.log",
+        ).start()
+        for i in range(self.n):
+            att = self.fabric.add_host()
+            host = CalicnmHost(att.host, att.address, self.workdir / f"host{i + 1}",
+                               f"host{i + 1}", etcd_endpoints=url)
+            self.hosts.append(host)
+            host.start()
+        return self
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        for host in reversed(self.hosts):
+            try:
+                host.close()
+            except BaseException as exc:  # noqa: BLE001 - keep tearing down
+                errors.append(exc)
+        if self.etcd is not None:
+            self.etcd.stop()
+        self.fabric.close()
+        if errors:
+            raise errors[0]
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path, n: int) -> Iterator[Cluster]:
+    c = Cluster(workdir, n)
+    try:
+        yield c.start()
+    finally:
+        c.close()

@@ -15,7 +15,7 @@ ONLY_IMPORTER = {
     "grpc": {"datastore"},
     "pyroute2": {"plumbing"},
     "gunicorn": set(),
-    "subprocess": {"iptables", "ipsets", "children", "diags"},
+    "subprocess": {"iptables", "ipsets", "children", "diags", "bird"},
 }
 PURE = {"model", "blocks", "endpoint", "keys", "errors", "table", "policy", "profiles"}
 IO_MODULES = {"socket", "subprocess", "http", "os", "flask", "etcd3", "pyroute2", "urllib"}

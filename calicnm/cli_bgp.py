@@ -1,0 +1,191 @@
+"""The BGP part of the CLI: ``bgp ...``, ``node bgp peer ...``, ``node show``
+and the BGP table of ``status`` (read live from BIRD's control socket)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from calicnm import keys, table
+from calicnm.bgp import DEFAULT_AS, BgpConfig, Peer, check_as, parse_protocols
+from calicnm.bird import Bird
+from calicnm.datastore import Store, replace
+from calicnm.errors import CalicnmError, DatastoreConflict, InvalidRequest, NotFound
+from calicnm.model import Host
+
+if TYPE_CHECKING:
+    from calicnm.cli import Context
+
+Leaf = Callable[[Any, str, Callable[["Context"], int], str], argparse.ArgumentParser]
+
+
+def read_config(store: Store) -> BgpConfig:
+    kv = store.get(keys.BGP_CONFIG)
+    return BgpConfig.from_json(kv.value if kv else None)
+
+
+def update_config(store: Store, change: Callable[[BgpConfig], BgpConfig]) -> BgpConfig:
+    for _ in range(20):
+        kv = store.get(keys.BGP_CONFIG)
+        new = change(BgpConfig.from_json(kv.value if kv else None))
+        if replace(store, keys.BGP_CONFIG, new.to_json(), kv.revision if kv else 0):
+            return new
+    raise DatastoreConflict("BGP configuration kept changing; try again")
+
+
+def hosts(store: Store) -> list[Host]:
+    return [Host.from_json(kv.value) for kv in store.list(keys.HOSTS) if kv.key.endswith("/meta")]
+
+
+def bgp_status_lines(state_dir: str) -> list[str]:
+    bird = Bird(state_dir)
+    lines = ["", "IPv4 BGP status"]
+    if not Bird.available() or not bird.running():
+        return [*lines, "BIRD is not running on this host (is 'calicnm node run' up?)"]
+    try:
+        rows = parse_protocols(bird.protocols())
+    except CalicnmError as exc:
+        return [*lines, f"cannot read BIRD's state: {exc}"]
+    if not rows:
+        return [*lines, "No BGP peers configured."]
+    body = [[r["peer"], r["type"], r["state"], r["since"], r["info"]] for r in rows]
+    return [*lines, table.render(["Peer address", "Peer type", "State", "Since", "Info"], body)]
+
+
+def cmd_node_show(ctx: Context) -> int:
+    config = read_config(ctx.store)
+    counts: dict[str, int] = {}
+    peers: dict[str, list[str]] = {}
+    for kv in ctx.store.list(keys.HOSTS):
+        name = keys.host_of_endpoint_key(kv.key)
+        if "/endpoints/" in kv.key:
+            counts[name] = counts.get(name, 0) + 1
+        elif "/peers/" in kv.key:
+            peer = Peer.from_json(kv.value)
+            peers.setdefault(name, []).append(f"{peer.ip} as {peer.as_num}")
+    listed = sorted(hosts(ctx.store), key=lambda h: h.name)
+    if ctx.args.json:
+        from calicnm.cli import emit_json
+
+        emit_json(
+            [
+                {
+                    "name": h.name,
+                    "ip": h.ip,
+                    "as_num": h.as_num or config.as_num,
+                    "as_inherited": h.as_num is None,
+                    "peers": peers.get(h.name, []),
+                    "endpoints": counts.get(h.name, 0),
+                }
+                for h in listed
+            ]
+        )
+        return 0
+    rows: list[list[object]] = []
+    for h in listed:
+        as_text = str(h.as_num) if h.as_num is not None else f"{config.as_num} (inherited)"
+        rows.append(
+            [h.name, h.ip or "", as_text, ", ".join(peers.get(h.name, [])), counts.get(h.name, 0)]
+        )
+    print(table.render(["Hostname", "IPv4", "AS Num", "BGP Peers v4", "Endpoints"], rows))
+    return 0
+
+
+def cmd_node_mesh(ctx: Context) -> int:
+    value = ctx.args.value
+    if value is None:
+        print("on" if read_config(ctx.store).node_mesh else "off")
+        return 0
+    if value not in ("on", "off"):
+        raise InvalidRequest("node-mesh takes 'on' or 'off'")
+    update_config(ctx.store, lambda c: BgpConfig(value == "on", c.as_num))
+    print(f"Node-to-node mesh turned {value}")
+    return 0
+
+
+def cmd_default_as(ctx: Context) -> int:
+    if ctx.args.value is None:
+        print(read_config(ctx.store).as_num)
+        return 0
+    number = check_as(ctx.args.value)
+    update_config(ctx.store, lambda c: BgpConfig(c.node_mesh, number))
+    print(f"Default node AS number set to {number}")
+    return 0
+
+
+def _peer_key(ctx: Context, ip: str) -> str:
+    if ctx.args.scope == "global":
+        return keys.global_peer(ip)
+    return keys.node_peer(ctx.config.hostname, ip)
+
+
+def cmd_peer_add(ctx: Context) -> int:
+    if ctx.args.as_word != "as":
+        raise InvalidRequest("usage: peer add <PEER_IP> as <AS_NUM>")
+    peer = Peer.parse(ctx.args.ip, ctx.args.as_num)
+    if ctx.args.scope == "node" and not any(
+        h.name == ctx.config.hostname for h in hosts(ctx.store)
+    ):
+        raise NotFound(f"host {ctx.config.hostname} is not registered (run its node first)")
+    ctx.store.put(_peer_key(ctx, peer.ip), peer.to_json())
+    where = "global" if ctx.args.scope == "global" else f"host {ctx.config.hostname}"
+    print(f"BGP peer {peer.ip} as {peer.as_num} added to the {where} configuration")
+    return 0
+
+
+def cmd_peer_remove(ctx: Context) -> int:
+    ip = str(Peer.parse(ctx.args.ip, str(DEFAULT_AS)).ip)
+    if not ctx.store.delete(_peer_key(ctx, ip)):
+        raise NotFound(f"BGP peer {ip} is not configured")
+    where = "global" if ctx.args.scope == "global" else "node"
+    print(f"BGP peer removed from {where} configuration")
+    return 0
+
+
+def cmd_peer_show(ctx: Context) -> int:
+    prefix = (
+        keys.GLOBAL_PEERS
+        if ctx.args.scope == "global"
+        else keys.node_peers_prefix(ctx.config.hostname)
+    )
+    peers = sorted((Peer.from_json(kv.value) for kv in ctx.store.list(prefix)), key=lambda p: p.ip)
+    if ctx.args.json:
+        from calicnm.cli import emit_json
+
+        emit_json([{"ip": p.ip, "as_num": p.as_num} for p in peers])
+        return 0
+    title = "Global IPv4 BGP Peer" if ctx.args.scope == "global" else "Node specific IPv4 BGP Peer"
+    print(table.render([title, "AS Num"], [[p.ip, p.as_num] for p in peers]))
+    return 0
+
+
+def _peer_commands(parent: Any, leaf: Leaf, scope: str) -> None:
+    peer = parent.add_parser("peer", help=f"{scope} BGP peers")
+    peer_sub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
+    add = leaf(peer_sub, "add", cmd_peer_add, "add a peer: add <PEER_IP> as <AS_NUM>")
+    add.add_argument("ip")
+    add.add_argument("as_word", metavar="as")
+    add.add_argument("as_num", metavar="AS_NUM")
+    rm = leaf(peer_sub, "remove", cmd_peer_remove, "remove a peer")
+    rm.add_argument("ip")
+    show = leaf(peer_sub, "show", cmd_peer_show, "list peers")
+    show.add_argument("--json", action="store_true")
+    for p in (add, rm, show):
+        p.set_defaults(scope=scope)
+
+
+def register(sub: Any, node_sub: Any, leaf: Leaf) -> None:
+    show = leaf(node_sub, "show", cmd_node_show, "hosts, addresses, AS numbers, peers")
+    show.add_argument("--json", action="store_true")
+    node_bgp = node_sub.add_parser("bgp", help="this host's own BGP peers")
+    _peer_commands(
+        node_bgp.add_subparsers(dest="node_bgp", required=True, metavar="WHAT"), leaf, "node"
+    )
+    bgp = sub.add_parser("bgp", help="global BGP settings and peers")
+    bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True, metavar="ACTION")
+    mesh = leaf(bgp_sub, "node-mesh", cmd_node_mesh, "show or set the node-to-node mesh")
+    mesh.add_argument("value", nargs="?", metavar="on|off")
+    das = leaf(bgp_sub, "default-node-as", cmd_default_as, "show or set the default AS")
+    das.add_argument("value", nargs="?", metavar="AS_NUM")
+    _peer_commands(bgp_sub, leaf, "global")
