@@ -4,6 +4,7 @@ and the BGP table of ``status`` (read live from BIRD's control socket)."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,13 @@ def hosts(store: Store) -> list[Host]:
 
 def bgp_status_lines(state_dir: str) -> list[str]:
     bird = Bird(state_dir)
-    lines = ["", "IPv4 BGP status"]
+    lines = []
+    try:
+        with open(os.path.join(state_dir, "problems")) as fh:
+            lines += [f"PROBLEM: {line.strip()}" for line in fh if line.strip()]
+    except OSError:
+        pass
+    lines += ["", "IPv4 BGP status"]
     if not Bird.available() or not bird.running():
         return [*lines, "BIRD is not running on this host (is 'calicnm node run' up?)"]
     try:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from calicnm import keys
 from calicnm.datastore import Store, create
+from calicnm.encap import overhead
 from calicnm.endpoint import (
     LinkPlan,
     check_id,
@@ -324,6 +325,10 @@ class Driver:
         network = self.network(network_id)
         _profile, mtu = parse_network_options(network.options)
         plan = plan_link(endpoint_id, mac, (address,))
+        if not mtu and (extra := overhead(self._ipam.pool_containing(address))):
+            # Leave room for the tunnel header, so large transfers never need
+            # fragmenting (or die to a lost "fragmentation needed").
+            mtu = plan.mtu - extra
         if mtu:
             plan = dataclasses.replace(plan, mtu=mtu)
         endpoint = Endpoint(

@@ -44,7 +44,7 @@ from calicnm.ipsets import Ipsets
 from calicnm.iptables import Iptables
 from calicnm.model import Host
 from calicnm.plumbing import HostPlumbing, host_addresses
-from calicnm.routing import BgpSync
+from calicnm.routing import BgpSync, EncapSync
 from calicnm.services import EMBEDDED_ETCD_URL, build_store
 
 _log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Node:
         hooks: list[Callable[[Snapshot], bool]] = [
             lambda snap: namer.tick(list(snap.networks.values()))
         ]
+        hooks.append(EncapSync(config.hostname, os.path.join(config.state_dir, "problems")))
         if Bird.available():
             self._bird = Bird(config.state_dir)
             hooks.append(BgpSync(self._bird, config.hostname))

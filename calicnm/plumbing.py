@@ -201,3 +201,137 @@ def host_addresses() -> list[tuple[str, str]]:
             if msg["scope"] == 0 and msg.get("IFA_ADDRESS")
         ]
     return [(names.get(index, ""), str(addr)) for index, addr in sorted(found)]
+
+
+RTNH_F_ONLINK = 4
+EOPNOTSUPP_CODES = (errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def kernel_supports(kind: str) -> bool:
+    """Can this kernel create a ``kind`` link ("vxlan", "ipip")?  Tries a
+    throwaway link in the current namespace and removes it again."""
+    name = f"cnmprobe{os.getpid() % 10000}"
+    extra: dict[str, Any] = {"vxlan_id": 1} if kind == "vxlan" else {}
+    with _netlink() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind=kind, **extra)
+        except Exception as exc:
+            if _netlink_error(exc) in (*EOPNOTSUPP_CODES, errno.EINVAL):
+                return False
+            raise DataplaneError(f"cannot probe for {kind} support: {exc}") from exc
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
+    return True
+
+
+def link_mtu(ifname: str) -> int | None:
+    with _netlink() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return None
+        mtu = ipr.link("get", index=found[0])[0].get("IFLA_MTU")
+        return int(mtu) if mtu else None
+
+
+def ensure_vxlan(
+    device: str, vni: int, port: int, local_ip: str, underlay: str, mtu: int, mac: str
+) -> None:
+    """Create or correct the VXLAN device (no learning: every forwarding
+    entry comes from etcd)."""
+    with _netlink() as ipr:
+        found = ipr.link_lookup(ifname=device)
+        if found:
+            link = ipr.link("get", index=found[0])[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            data = info.get_attr("IFLA_INFO_DATA") if info else None
+            ok = (
+                data is not None
+                and data.get_attr("IFLA_VXLAN_ID") == vni
+                and data.get_attr("IFLA_VXLAN_LOCAL") == local_ip
+                and link.get_attr("IFLA_ADDRESS") == mac
+            )
+            if not ok:
+                ipr.link("del", index=found[0])
+                found = []
+        try:
+            if not found:
+                lower = ipr.link_lookup(ifname=underlay)
+                if not lower:
+                    raise DataplaneError(f"underlay interface {underlay} does not exist")
+                ipr.link(
+                    "add",
+                    ifname=device,
+                    kind="vxlan",
+                    vxlan_id=vni,
+                    vxlan_port=port,
+                    vxlan_local=local_ip,
+                    vxlan_learning=0,
+                    vxlan_link=lower[0],
+                    mtu=mtu,
+                    address=mac,
+                )
+                found = ipr.link_lookup(ifname=device)
+            ipr.link("set", index=found[0], mtu=mtu, state="up")
+        except DataplaneError:
+            raise
+        except Exception as exc:
+            raise DataplaneError(f"cannot set up {device}: {exc}") from exc
+    write_sysctl(f"net/ipv4/conf/{device}/rp_filter", "0")
+
+
+def sync_tunnel(
+    device: str,
+    routes: list[tuple[str, str]],
+    peers: list[tuple[str, str]] | None = None,
+) -> int:
+    """Make ``device``'s routes exactly ``routes`` ((dst cidr, via) pairs,
+    onlink) and, for VXLAN, its neighbour and forwarding entries exactly
+    ``peers`` ((underlay ip, vtep mac) pairs).  Returns how many entries
+    changed.  A missing device is an error: ``ensure_vxlan`` comes first."""
+    changed = 0
+    with _netlink() as ipr:
+        found = ipr.link_lookup(ifname=device)
+        if not found:
+            raise DataplaneError(f"tunnel device {device} does not exist")
+        index = found[0]
+        try:
+            if peers is not None:
+                want_fdb = {(mac, ip) for ip, mac in peers}
+                have_fdb = {
+                    (f.get("NDA_LLADDR"), f.get("NDA_DST"))
+                    for f in ipr.fdb("dump", ifindex=index)
+                    if f.get("NDA_DST")
+                }
+                for mac, ip in have_fdb - want_fdb:
+                    ipr.fdb("del", ifindex=index, lladdr=mac, dst=ip)
+                    changed += 1
+                for mac, ip in want_fdb - have_fdb:
+                    ipr.fdb("append", ifindex=index, lladdr=mac, dst=ip)
+                    changed += 1
+                for ip, mac in peers:
+                    ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=index, state="permanent")
+            have = {
+                (f"{r.get('RTA_DST')}/{r['dst_len']}", r.get("RTA_GATEWAY"))
+                for r in ipr.route("dump", family=2, oif=index)
+                if r.get("RTA_DST") and r.get("RTA_GATEWAY")
+            }
+            want = set(routes)
+            for dst, via in have - want:
+                ipr.route("del", dst=dst, gateway=via, oif=index)
+                changed += 1
+            for dst, via in want:
+                ipr.route("replace", dst=dst, gateway=via, oif=index, flags=RTNH_F_ONLINK)
+            changed += len(want - have)
+        except Exception as exc:
+            raise DataplaneError(f"cannot program routes through {device}: {exc}") from exc
+    return changed
+
+
+def delete_link(ifname: str) -> bool:
+    with _netlink() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+    return True

@@ -13,7 +13,26 @@ import logging
 from calicnm.agent import Snapshot
 from calicnm.bgp import BirdInput, render_bird, routed_pools
 from calicnm.bird import Bird
+from calicnm.encap import (
+    IPIP_DEVICE,
+    VXLAN_DEVICE,
+    VXLAN_OVERHEAD,
+    VXLAN_PORT,
+    VXLAN_VNI,
+    pool_mode,
+    tunnel_routes,
+    vtep_mac,
+    vtep_peers,
+)
 from calicnm.model import Host
+from calicnm.plumbing import (
+    delete_link,
+    ensure_vxlan,
+    host_addresses,
+    kernel_supports,
+    link_mtu,
+    sync_tunnel,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -64,4 +83,76 @@ class BgpSync:
         return False
 
 
-__all__ = ["BgpSync", "Host", "bird_input"]
+class EncapSync:
+    """Agent hook: the VXLAN device, its forwarding entries and the routes to
+    other hosts' blocks in encapsulated pools; IPIP routes likewise where the
+    kernel has IPIP.  A pool mode this kernel lacks is reported (log and the
+    problems file ``calicnm status`` shows) instead of failing later."""
+
+    __name__ = "encap"
+
+    def __init__(self, host: str, problems_path: str) -> None:
+        self._host = host
+        self._problems_path = problems_path
+        self._support: dict[str, bool] = {}
+        self._reported: tuple[str, ...] = ()
+
+    def supported(self, kind: str) -> bool:
+        if kind not in self._support:
+            self._support[kind] = kernel_supports(kind)
+        return self._support[kind]
+
+    def __call__(self, snapshot: Snapshot) -> bool:
+        me = next((h for h in snapshot.hosts if h.name == self._host), None)
+        if me is None or me.ip is None:
+            return True
+        problems = []
+        for mode, device in (("vxlan", VXLAN_DEVICE), ("ipip", IPIP_DEVICE)):
+            pools = [p for p in snapshot.pools if pool_mode(p) == mode]
+            if not pools:
+                if mode == "vxlan":
+                    delete_link(VXLAN_DEVICE)
+                continue
+            if not self.supported(mode):
+                names = ", ".join(str(p.cidr) for p in pools)
+                problems.append(
+                    f"pool(s) {names} use {mode}, which this kernel does not have; "
+                    "their addresses are not routed between hosts"
+                )
+                continue
+            routes = tunnel_routes(
+                mode,
+                self._host,
+                snapshot.hosts,
+                snapshot.pools,
+                snapshot.affinity,
+                snapshot.endpoints,
+            )
+            pairs = [(str(r.dst), r.via) for r in routes]
+            if mode == "vxlan":
+                underlay = next((ifname for ifname, ip in host_addresses() if ip == me.ip), None)
+                if underlay is None:
+                    problems.append(f"no interface holds this host's address {me.ip}")
+                    continue
+                mtu = (link_mtu(underlay) or 1500) - VXLAN_OVERHEAD
+                ensure_vxlan(
+                    VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, me.ip, underlay, mtu, vtep_mac(self._host)
+                )
+                peers = [(p.ip, p.mac) for p in vtep_peers(self._host, snapshot.hosts)]
+                sync_tunnel(device, pairs, peers)
+            else:
+                sync_tunnel(device, pairs)
+        self._report(problems)
+        return False
+
+    def _report(self, problems: list[str]) -> None:
+        if tuple(problems) == self._reported:
+            return
+        for problem in problems:
+            _log.error("%s", problem)
+        with open(self._problems_path, "w") as fh:
+            fh.write("".join(f"{p}\n" for p in problems))
+        self._reported = tuple(problems)
+
+
+__all__ = ["BgpSync", "EncapSync", "Host", "bird_input"]
