@@ -211,7 +211,7 @@ class Agent:
         ]
         used = {name for ep in compiled for name in ep.profiles}
         profiles = {name: snapshot.profiles.get(name) for name in used}
-        desired = compile_dataplane(profiles, compiled, members)
+        desired = compile_dataplane(profiles, compiled, members, snapshot.pools)
         self._dataplane.apply(desired, full=full)
 
         programmed = set()

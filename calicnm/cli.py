@@ -22,7 +22,7 @@ from typing import Any
 from calicnm import keys, policy_store, table
 from calicnm.config import Config, add_arguments
 from calicnm.datastore import EtcdStore, Store
-from calicnm.errors import CalicnmError, Conflict, InvalidRequest, NotFound
+from calicnm.errors import CalicnmError, Conflict, InvalidRequest, NotFound, Unsupported
 from calicnm.ipam import Allocator
 from calicnm.model import (
     Endpoint,
@@ -156,8 +156,24 @@ def cmd_diags(ctx: Context) -> int:
 
 
 def cmd_pool_add(ctx: Context) -> int:
+    if ctx.args.ipip or ctx.args.vxlan:
+        from calicnm.plumbing import kernel_supports
+
+        kind = "ipip" if ctx.args.ipip else "vxlan"
+        if not kernel_supports(kind):
+            raise Unsupported(
+                f"this kernel has no {kind.upper()} support (module {kind} missing), so "
+                f"{kind} pools cannot be routed here"
+                + ("; use --vxlan instead" if kind == "ipip" else "")
+            )
     for text in ctx.args.cidrs:
-        pool = Pool(parse_network(text, "pool"), disabled=ctx.args.disabled)
+        pool = Pool(
+            parse_network(text, "pool"),
+            nat_outgoing=ctx.args.nat_outgoing,
+            disabled=ctx.args.disabled,
+            ipip=ctx.args.ipip,
+            vxlan=ctx.args.vxlan,
+        )
         ctx.ipam.add_pool(pool)
         out(f"Added pool {pool.cidr}")
     return 0
@@ -793,6 +809,17 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("cidrs", nargs="+", metavar="CIDR")
     add.add_argument(
         "--disabled", action="store_true", help="only for addresses asked for explicitly (--ip)"
+    )
+    add.add_argument(
+        "--vxlan", action="store_true", help="route between hosts over VXLAN instead of BGP"
+    )
+    add.add_argument(
+        "--ipip", action="store_true", help="route between hosts over IPIP (kernels with ipip)"
+    )
+    add.add_argument(
+        "--nat-outgoing",
+        action="store_true",
+        help="masquerade its containers' traffic to addresses outside every pool",
     )
     rm = leaf(pool_sub, "remove", cmd_pool_remove, "remove pools with no address in use")
     rm.add_argument("cidrs", nargs="+", metavar="CIDR")

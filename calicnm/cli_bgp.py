@@ -167,6 +167,46 @@ def cmd_peer_show(ctx: Context) -> int:
     return 0
 
 
+def cmd_node_remove(ctx: Context) -> int:
+    from calicnm.ipam import Allocator
+    from calicnm.model import Endpoint
+
+    name = ctx.config.hostname
+    store = ctx.store
+    if store.get(keys.host_meta(name)) is None:
+        raise NotFound(f"host {name} is not registered")
+    endpoints = [Endpoint.from_json(kv.value) for kv in store.list(keys.endpoints_prefix(name))]
+    if endpoints and not ctx.args.remove_endpoints:
+        raise InvalidRequest(
+            f"host {name} still has {len(endpoints)} endpoint(s); pass --remove-endpoints "
+            "to release their addresses too (only for a host that is gone)"
+        )
+    ipam = Allocator(store, name)
+    for ep in endpoints:
+        for ip in ep.ipv4:
+            ipam.release(ip)
+        store.delete(keys.endpoint(name, ep.id))
+    for kv in store.list(keys.node_peers_prefix(name)):
+        store.delete(kv.key)
+    deleted, kept = ipam.release_affinity(name)
+    store.delete(keys.host_meta(name))
+    print(
+        f"Node configuration removed: host {name}, {len(endpoints)} endpoint(s), "
+        f"{deleted + kept} block(s) released"
+    )
+    return 0
+
+
+def cmd_route_reflector_run(ctx: Context) -> int:
+    from calicnm import reflector
+    from calicnm.services import setup_logging
+
+    setup_logging(ctx.config.log_level)
+    ip = str(Peer.parse(ctx.args.ip, str(DEFAULT_AS)).ip)
+    as_num = check_as(ctx.args.as_num) if ctx.args.as_num else None
+    return reflector.run(ctx.store, ip, as_num, ctx.args.cluster_id or ip, ctx.config.state_dir)
+
+
 def _peer_commands(parent: Any, leaf: Leaf, scope: str) -> None:
     peer = parent.add_parser("peer", help=f"{scope} BGP peers")
     peer_sub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
@@ -189,6 +229,22 @@ def register(sub: Any, node_sub: Any, leaf: Leaf) -> None:
     _peer_commands(
         node_bgp.add_subparsers(dest="node_bgp", required=True, metavar="WHAT"), leaf, "node"
     )
+    remove = leaf(
+        node_sub,
+        "remove",
+        cmd_node_remove,
+        "remove a dead host (--hostname): its blocks, peers, endpoints",
+    )
+    remove.add_argument("--remove-endpoints", action="store_true")
+    rr = sub.add_parser("route-reflector", help="run a BGP route reflector")
+    rr_sub = rr.add_subparsers(dest="rr_command", required=True, metavar="ACTION")
+    rr_run = leaf(rr_sub, "run", cmd_route_reflector_run, "run it in the foreground")
+    rr_run.add_argument("--ip", required=True, help="the reflector's address (router id)")
+    rr_run.add_argument("--as", dest="as_num", help="its AS (default: default-node-as)")
+    rr_run.add_argument("--cluster-id", help="route-reflector cluster id (default: --ip)")
+    from calicnm.config import add_arguments
+
+    add_arguments(rr_run, ["state_dir", "log_level"], subcommand=True)
     bgp = sub.add_parser("bgp", help="global BGP settings and peers")
     bgp_sub = bgp.add_subparsers(dest="bgp_command", required=True, metavar="ACTION")
     mesh = leaf(bgp_sub, "node-mesh", cmd_node_mesh, "show or set the node-to-node mesh")

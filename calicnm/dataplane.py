@@ -2,16 +2,19 @@
 of calicnm's chains and ipsets on a host.
 
 Order within one apply: ipsets first (a rule may not name a set that does
-not exist yet), then one ``iptables-restore --noflush`` transaction that
-rewrites every changed chain whole, keeps exactly one jump from each kernel
-chain and deletes calicnm chains nobody wants any more, then the ipsets no
-rule references any more are destroyed.
+not exist yet), then one ``iptables-restore --noflush`` call holding one
+transaction per table that changed (filter, nat): each rewrites every
+changed chain whole, keeps exactly one jump from each kernel chain to a
+wanted calicnm chain, deletes the jumps to calicnm chains nobody wants any
+more and then those chains.  Last, the ipsets no rule references any more
+are destroyed (a set still referenced cannot be).
 
 Incremental by default: chains and sets equal to what this process last
 programmed are not rewritten, which keeps a rule change on a busy host to a
 few small writes.  ``full=True`` (at start and on the resync timer) reads the
-kernel's list of calicnm chains and jumps, and rewrites everything, which
-repairs any drift (a chain flushed or deleted by hand, an ipset emptied).
+kernel's list of calicnm chains and jumps of every table, and rewrites
+everything, which repairs any drift (a chain flushed or deleted by hand, an
+ipset emptied, a jump deleted).
 
 If applying fails, what was programmed is forgotten, so the next apply is
 a full one; the kernel keeps whatever it had (never flushed wholesale).
@@ -22,11 +25,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from calicnm.errors import DataplaneError
 from calicnm.ipsets import Ipsets
 from calicnm.iptables import Iptables, jump_fixups
-from calicnm.profiles import JUMPS, PREFIX, Dataplane, temp_ipset
+from calicnm.profiles import PREFIX, TABLE_JUMPS, Dataplane, temp_ipset
 
 _log = logging.getLogger(__name__)
+
+Chains = dict[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,19 @@ def kernel_chains(saved: str) -> set[str]:
     return {line[1:].split()[0] for line in saved.splitlines() if line.startswith(f":{PREFIX}")}
 
 
+def jump_removals(saved: str, parent: str, chain: str) -> list[str]:
+    """Lines that delete every one of our ``-j chain`` jumps from ``parent``."""
+    rule = f"-A {parent} -j {chain}"
+    count = sum(1 for line in saved.splitlines() if line.strip() == rule)
+    return [f"-D {parent} -j {chain}"] * count
+
+
 class PolicyDataplane:
     def __init__(self, iptables: Iptables, ipsets: Ipsets) -> None:
         self._iptables = iptables
         self._ipsets = ipsets
-        self._chains: dict[str, tuple[str, ...]] | None = None
-        self._sets: dict[str, frozenset[str]] | None = None
+        self._chains: dict[str, Chains] | None = None  # table -> chains
+        self._sets: dict[str, tuple[str, frozenset[str]]] | None = None  # name -> (type, members)
 
     def apply(self, desired: Dataplane, full: bool = False) -> ApplyStats:
         try:
@@ -58,47 +71,38 @@ class PolicyDataplane:
             raise
 
     def _apply(self, desired: Dataplane, full: bool) -> ApplyStats:
+        wanted = {n: (desired.ipset_type(n), m) for n, m in desired.ipsets.items()}
         old_sets = {} if full or self._sets is None else self._sets
         sets = {
-            name: (temp_ipset(name), members)
-            for name, members in desired.ipsets.items()
-            if old_sets.get(name) != members
+            name: (temp_ipset(name), kind, members)
+            for name, (kind, members) in wanted.items()
+            if old_sets.get(name) != (kind, members)
         }
         self._ipsets.replace(sets)
 
-        old_chains = {} if full or self._chains is None else self._chains
-        changed = {n: r for n, r in desired.chains.items() if old_chains.get(n) != r}
-        fixups: list[str] = []
-        if full:
-            saved = self._iptables.save("filter")
-            present = kernel_chains(saved)
-            for parent, chain in JUMPS:
-                fixups += jump_fixups(saved, parent, chain)
-        else:
-            present = set(old_chains)
-        stale = sorted(present - set(desired.chains))
-        if changed or fixups or stale:
-            lines = ["*filter"]
-            lines += [f":{name} - [0:0]" for name in changed]
-            lines += [f":{name} - [0:0]" for name in stale]
-            for name, rules in changed.items():
-                lines += [f"-A {name} {rule}" for rule in rules]
-            lines += fixups
-            lines += [f"-X {name}" for name in stale]
-            lines.append("COMMIT")
-            self._iptables.restore("\n".join(lines) + "\n")
+        tables = desired.tables()
+        script: list[str] = []
+        written = deleted = 0
+        for table, chains in tables.items():
+            old = {} if full or self._chains is None else self._chains.get(table, {})
+            lines, changed, stale = self._table_script(table, chains, old, full)
+            script += lines
+            written += changed
+            deleted += stale
+        if script:
+            self._iptables.restore("\n".join(script) + "\n")
 
         unused: set[str] = set()
         if full:
-            unused = self._ipsets.names(PREFIX) - set(desired.ipsets)
+            unused = self._ipsets.names(PREFIX) - set(wanted)
         elif self._sets is not None:
-            unused = set(self._sets) - set(desired.ipsets)
+            unused = set(self._sets) - set(wanted)
         self._ipsets.destroy(unused)
 
-        self._chains = dict(desired.chains)
-        self._sets = dict(desired.ipsets)
-        stats = ApplyStats(len(changed), len(stale), len(sets), len(unused))
-        if changed or stale or sets or unused:
+        self._chains = {table: dict(chains) for table, chains in tables.items()}
+        self._sets = wanted
+        stats = ApplyStats(written, deleted, len(sets), len(unused))
+        if written or deleted or sets or unused:
             _log.info(
                 "dataplane applied full=%s chains_written=%d chains_deleted=%d sets_written=%d "
                 "sets_deleted=%d",
@@ -106,3 +110,47 @@ class PolicyDataplane:
                 *stats.__dict__.values(),
             )
         return stats
+
+    def _table_script(
+        self, table: str, chains: Chains, old: Chains, full: bool
+    ) -> tuple[list[str], int, int]:
+        """One table's transaction (or nothing), chains written, chains deleted.
+
+        The kernel's jumps are read on a full pass, and whenever a jump's
+        target chain comes or goes (nat-outgoing switched on or off).
+        """
+        jumps = TABLE_JUMPS.get(table, ())
+        look = full or any((chain in chains) != (chain in old) for _, chain in jumps)
+        saved = self._save(table, chains) if look else ""
+        present = kernel_chains(saved) if full else set(old)
+        fixups: list[str] = []
+        if look:
+            for parent, chain in jumps:
+                if chain in chains:
+                    fixups += jump_fixups(saved, parent, chain)
+                else:
+                    fixups += jump_removals(saved, parent, chain)
+        changed = {n: r for n, r in chains.items() if old.get(n) != r}
+        stale = sorted(present - set(chains))
+        if not (changed or fixups or stale):
+            return [], 0, 0
+        lines = [f"*{table}"]
+        lines += [f":{name} - [0:0]" for name in changed]
+        lines += [f":{name} - [0:0]" for name in stale]
+        for name, rules in changed.items():
+            lines += [f"-A {name} {rule}" for rule in rules]
+        lines += fixups
+        lines += [f"-X {name}" for name in stale]
+        lines.append("COMMIT")
+        return lines, len(changed), len(stale)
+
+    def _save(self, table: str, chains: Chains) -> str:
+        """``iptables-save -t table``; a table we want nothing in and that
+        cannot be read (no nat support in the kernel) holds nothing of ours."""
+        try:
+            return self._iptables.save(table)
+        except DataplaneError:
+            if chains:
+                raise
+            _log.debug("cannot read the %s table; assuming no calicnm chains in it", table)
+            return ""

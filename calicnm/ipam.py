@@ -19,6 +19,7 @@ and dockerd restarts without any state of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -426,6 +427,32 @@ class Allocator:
     def affine_blocks(self, host: str | None = None) -> list[IPv4Network]:
         prefix = keys.affinity_prefix(host or self._host)
         return [keys.parse_cidr(keys.last_segment(kv.key)) for kv in self._store.list(prefix)]
+
+    def release_affinity(self, host: str) -> tuple[int, int]:
+        """Forget ``host``'s claims (it is gone): empty blocks are deleted,
+        blocks still holding addresses keep them but lose the affinity.
+        Returns (blocks deleted, blocks kept)."""
+        deleted = kept = 0
+        for cidr in self.affine_blocks(host):
+            for _ in range(CAS_RETRIES):
+                block = self._block(cidr)
+                txn = Txn(deletes=[keys.affinity(host, cidr)])
+                if block is not None and block.affinity == host:
+                    txn.compare.append((keys.block(cidr), block.revision))
+                    if block.empty:
+                        txn.deletes.append(keys.block(cidr))
+                    else:
+                        orphan = dataclasses.replace(block, affinity=None)
+                        txn.puts.append((keys.block(cidr), orphan.to_json()))
+                if self._store.commit(txn):
+                    if block is not None and block.empty:
+                        deleted += 1
+                    else:
+                        kept += 1
+                    break
+            else:
+                raise DatastoreConflict(f"block {cidr} kept changing; try again")
+        return deleted, kept
 
     # ---- the CAS loop ----------------------------------------------------
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from calicnm.errors import DataplaneError
 
 MAX_ELEMENTS = 1 << 20
+SET_TYPES = ("hash:ip", "hash:net")
 
 
 class Ipsets:
@@ -43,13 +44,16 @@ class Ipsets:
     def names(self, prefix: str) -> set[str]:
         return {n for n in self._run(["list", "-n"]).split() if n.startswith(prefix)}
 
-    def replace(self, sets: Mapping[str, tuple[str, Iterable[str]]]) -> None:
-        """Rewrite each ``name -> (temp name, members)`` by swap, in one call."""
+    def replace(self, sets: Mapping[str, tuple[str, str, Iterable[str]]]) -> None:
+        """Rewrite each ``name -> (temp name, type, members)`` by swap, in one
+        call; ``type`` is ``hash:ip`` (addresses) or ``hash:net`` (CIDRs)."""
         if not sets:
             return
         lines = []
-        for name, (temp, members) in sorted(sets.items()):
-            create = f"hash:ip family inet maxelem {MAX_ELEMENTS} -exist"
+        for name, (temp, kind, members) in sorted(sets.items()):
+            if kind not in SET_TYPES:
+                raise DataplaneError(f"refusing to create ipset {name} of type {kind!r}")
+            create = f"{kind} family inet maxelem {MAX_ELEMENTS} -exist"
             lines += [f"create {name} {create}", f"create {temp} {create}", f"flush {temp}"]
             lines += [f"add {temp} {ip}" for ip in sorted(members)]
             lines += [f"swap {temp} {name}", f"destroy {temp}"]

@@ -22,6 +22,15 @@ Tags become ``hash:ip`` ipsets holding the addresses of every endpoint on
 any host whose profiles carry the tag, so rules grow with endpoints plus
 rules, never with endpoints times members.
 
+nat-outgoing (nat table), only while at least one pool has it::
+
+    POSTROUTING -> calicnm-POSTROUTING   MASQUERADE from a nat-outgoing pool
+                                         (set calicnm-masq-pools) to anything
+                                         outside every pool (calicnm-all-pools).
+
+Both pool sets are ``hash:net``; traffic between pools, on any host, is never
+masqueraded.
+
 Fail closed: a profile that is referenced but missing or unreadable gets a
 chain that drops everything, and an interface the dispatch does not know
 is dropped; nothing here ever produces a blanket ACCEPT for a cali
@@ -31,9 +40,10 @@ interface.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from calicnm.model import IPv4Network, Pool
 from calicnm.policy import PORT_PROTOCOLS, Profile, Rule
 
 PREFIX = "calicnm-"
@@ -49,8 +59,21 @@ MAX_IPSET = 31
 MULTIPORT_MAX = 15
 HEX = "0123456789abcdef"
 
+NAT_POSTROUTING = "calicnm-POSTROUTING"
+ALL_POOLS = "calicnm-all-pools"
+MASQ_POOLS = "calicnm-masq-pools"
+HASH_IP = "hash:ip"
+HASH_NET = "hash:net"
+
 JUMPS = (("FORWARD", FORWARD), ("INPUT", INPUT))
 """(kernel chain, calicnm chain) pairs: one jump at the top of each."""
+
+TABLE_JUMPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "filter": JUMPS,
+    "nat": (("POSTROUTING", NAT_POSTROUTING),),
+}
+"""Per table, the jumps from kernel chains; a jump exists while its calicnm
+chain is wanted, and is deleted (before the chain) once it is not."""
 
 
 def shorten(name: str, budget: int) -> str:
@@ -76,8 +99,17 @@ def tag_ipset(tag: str) -> str:
 
 
 def temp_ipset(name: str) -> str:
-    """Same length as ``name``: the swap partner used while rewriting it."""
-    return PREFIX + "x-" + name[len(PREFIX) + 2 :]
+    """Same length as ``name``: the swap partner used while rewriting it.
+
+    Tag sets ``calicnm-t-X`` swap with ``calicnm-x-X``; the (lower-case) pool
+    sets with their upper-case spelling (``calicnm-ALL-POOLS``), so no two
+    sets ever share a partner and every partner keeps the ``calicnm-`` prefix
+    (a leftover one is destroyed by the next full resync).
+    """
+    rest = name[len(PREFIX) :]
+    if rest.startswith("t-"):
+        return PREFIX + "x-" + rest[2:]
+    return PREFIX + rest.upper()
 
 
 @dataclass(frozen=True)
@@ -90,11 +122,26 @@ class LocalEndpoint:
 
 @dataclass(frozen=True)
 class Dataplane:
+    """Desired kernel state: chains per table, and ipsets with their type.
+
+    ``chains`` is the filter table and ``nat_chains`` the nat table (rule
+    bodies per chain).  ``ipset_types`` gives each set's type; a set it does
+    not name is ``hash:ip``.
+    """
+
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ipsets: dict[str, frozenset[str]] = field(default_factory=dict)
+    nat_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ipset_types: dict[str, str] = field(default_factory=dict)
+
+    def tables(self) -> dict[str, dict[str, tuple[str, ...]]]:
+        return {"filter": self.chains, "nat": self.nat_chains}
+
+    def ipset_type(self, name: str) -> str:
+        return self.ipset_types.get(name, HASH_IP)
 
     def rule_count(self) -> int:
-        return sum(len(rules) for rules in self.chains.values())
+        return sum(len(rules) for chains in self.tables().values() for rules in chains.values())
 
 
 def tag_members(
@@ -114,12 +161,14 @@ def compile_dataplane(
     profiles: dict[str, Profile | None],
     endpoints: list[LocalEndpoint],
     members: dict[str, set[str]],
+    pools: Sequence[Pool] = (),
 ) -> Dataplane:
-    """The whole desired filter-table state for this host.
+    """The whole desired filter- and nat-table state for this host.
 
     ``profiles`` maps names to profiles; ``None`` marks one that exists but
     could not be read (it compiles to a drop chain).  Only profiles used by
     local endpoints, and tags their rules mention, are materialised.
+    ``pools`` are every pool; nat-outgoing is programmed while one has it.
     """
     chains: dict[str, tuple[str, ...]] = {
         FORWARD: (
@@ -161,7 +210,25 @@ def compile_dataplane(
                     ipsets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
                 rules.extend(rule_lines(rule))
             chains[chain] = tuple(rules)
-    return Dataplane(chains, ipsets)
+    types = dict.fromkeys(ipsets, HASH_IP)
+    nat_chains: dict[str, tuple[str, ...]] = {}
+    if any(pool.nat_outgoing for pool in pools):
+        ipsets[ALL_POOLS] = _nets(pool.cidr for pool in pools)
+        ipsets[MASQ_POOLS] = _nets(pool.cidr for pool in pools if pool.nat_outgoing)
+        types[ALL_POOLS] = types[MASQ_POOLS] = HASH_NET
+        nat_chains[NAT_POSTROUTING] = (
+            f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
+            "-j MASQUERADE",
+        )
+    return Dataplane(chains, ipsets, nat_chains, types)
+
+
+def _nets(cidrs: Iterable[IPv4Network]) -> frozenset[str]:
+    """``hash:net`` members; it refuses a /0, which is written as its two halves."""
+    out: set[str] = set()
+    for cidr in cidrs:
+        out.update(str(c) for c in (cidr.subnets() if cidr.prefixlen == 0 else (cidr,)))
+    return frozenset(out)
 
 
 def _endpoint_rules(ep: LocalEndpoint, direction: str) -> tuple[str, ...]:

@@ -259,7 +259,7 @@ class Cluster:
         for host in reversed(self.hosts):
             try:
                 host.close()
-            except BaseException as exc:  # noqa: BLE001 - keep tearing down
+            except BaseException as exc:  # keep tearing down the rest
                 errors.append(exc)
         if self.etcd is not None:
             self.etcd.stop()

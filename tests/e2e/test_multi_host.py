@@ -73,3 +73,71 @@ def test_node_show_lists_hosts_with_as(three: Cluster) -> None:
     for host in three.hosts:
         assert host.hostname in out and host.address in out
     assert "64511 (inherited)" in out
+
+
+def test_profiles_work_across_hosts(three: Cluster) -> None:
+    a, b, _c = three.hosts
+    web = a.ip_of("webA", "dataman")
+    b.create_network("billing")
+    assert fetch_ok(b, "dataman", web), "dataman on B reaches dataman on A"
+    assert not fetch_ok(b, "billing", web), "billing on B is denied by dataman's profile on A"
+    b.docker("network", "rm", "billing")
+
+
+def test_a_stopped_host_withdraws_its_routes(three: Cluster) -> None:
+    a, _b, c = three.hosts
+    c_web = serve(c, "webC", "dataman")
+    block_routes = lambda: [r for r in a.routes() if "proto bird" in r and c.address in r]  # noqa: E731
+    wait_until(block_routes, 20, "C's block on A")
+    assert wait_until(lambda: fetch_ok(a, "dataman", c_web), 20, "A -> C")
+    assert c.stop_node() == 0
+    wait_until(lambda: not block_routes(), 20, "C's routes withdrawn from A")
+    assert not fetch_ok(a, "dataman", c_web)
+    c.start_node()
+    wait_until(block_routes, 30, "C's routes back on A")
+    assert wait_until(lambda: fetch_ok(a, "dataman", c_web), 20, "A -> C again")
+    c.docker("rm", "-f", "webC")
+
+
+def test_route_reflector_topology(three: Cluster, tmp_path: Path) -> None:
+    a, b, c = three.hosts
+    web = a.ip_of("webA", "dataman")
+    att = three.fabric.add_host()
+    rr = att.host.process(
+        [str(Path(__file__).resolve().parents[2] / ".venv/bin/calicnm"),
+         "--etcd-endpoints", three.etcd_url, "route-reflector", "run", "--ip", att.address,
+         "--state-dir", str(tmp_path / "rr")],
+        tmp_path / "rr.log",
+    ).start()
+    try:
+        a.calicnm("bgp", "node-mesh", "off")
+        assert a.calicnm("bgp", "node-mesh").stdout.strip() == "off"
+        a.calicnm("bgp", "peer", "add", att.address, "as", "64511")
+        for host in (a, b, c):
+            rows = wait_until(
+                lambda h=host: [r for r in bgp_rows(h) if r[4] == "Established"], 30,
+                f"{host.hostname} peering with the reflector",
+            )
+            assert [(r[0], r[1]) for r in rows] == [(att.address, "global")]
+        assert wait_until(lambda: fetch_ok(c, "dataman", web), 30, "C -> A through the RR")
+        assert "Global IPv4 BGP Peer" in a.calicnm("bgp", "peer", "show").stdout
+    finally:
+        a.calicnm("bgp", "peer", "remove", att.address, check=False)
+        a.calicnm("bgp", "node-mesh", "on", check=False)
+        rr.stop()
+    for host in (a, b, c):
+        wait_until(lambda h=host: len([r for r in bgp_rows(h) if r[4] == "Established"]) == 2,
+                   30, f"mesh back on {host.hostname}")
+
+
+def test_node_bgp_peer_and_default_as(three: Cluster) -> None:
+    a = three.hosts[0]
+    a.calicnm("node", "bgp", "peer", "add", "198.18.0.250", "as", "65001")
+    assert "198.18.0.250 as 65001" in a.calicnm("node", "show").stdout
+    rows = wait_until(lambda: [r for r in bgp_rows(a) if r[0] == "198.18.0.250"], 20,
+                      "the node-specific peer in status")
+    assert rows[0][1] == "node specific"
+    a.calicnm("node", "bgp", "peer", "remove", "198.18.0.250")
+    assert a.calicnm("bgp", "default-node-as").stdout.strip() == "64511"
+    bad = a.calicnm("bgp", "default-node-as", "0", check=False)
+    assert bad.returncode == 1 and "outside" in bad.stderr

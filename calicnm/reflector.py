@@ -1,0 +1,64 @@
+"""``calicnm route-reflector run``: a BGP route reflector configured from etcd.
+
+It runs its own BIRD (in the namespace or on the machine it is started in)
+with every registered host as a route-reflector client, and rewrites that
+configuration whenever the set of hosts changes.  Hosts peer with it once
+the operator adds it as a global peer (``calicnm bgp peer add <ip> as
+<as>``), usually after switching the full mesh off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+from calicnm import keys
+from calicnm.bgp import BgpConfig, render_route_reflector
+from calicnm.bird import Bird
+from calicnm.datastore import Store
+from calicnm.errors import CalicnmError
+from calicnm.model import Host
+
+_log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+
+
+def run(store: Store, ip: str, as_num: int | None, cluster_id: str, state_dir: str) -> int:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    bird = Bird(state_dir)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    _log.info("route reflector starting ip=%s cluster_id=%s", ip, cluster_id)
+    last_error = None
+    try:
+        while not stop.is_set():
+            try:
+                kv = store.get(keys.BGP_CONFIG)
+                config = BgpConfig.from_json(kv.value if kv else None)
+                hosts = [
+                    Host.from_json(kv.value)
+                    for kv in store.list(keys.HOSTS)
+                    if kv.key.endswith("/meta")
+                ]
+                if bird.apply(
+                    render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config)
+                ):
+                    _log.info("route reflector clients=%d", len(hosts))
+                last_error = None
+            except CalicnmError as exc:
+                if str(exc) != last_error:
+                    _log.warning("route reflector pass failed (BIRD keeps its state): %s", exc)
+                last_error = str(exc)
+            stop.wait(POLL_SECONDS)
+    finally:
+        bird.stop()
+    return 0
