@@ -239,17 +239,34 @@ class Cluster:
         self.fabric.create()
         url = self.etcd_url
         self.etcd = self.fabric.netns.process(
-            ["etcd", "--name", "dc", "--data-dir", str(self.workdir / "etcd"),
-             "--listen-client-urls", url, "--advertise-client-urls", url,
-             "--listen-peer-urls", f"http://{FABRIC_ADDRESS}:2380",
-             "--initial-advertise-peer-urls", f"http://{FABRIC_ADDRESS}:2380",
-             "--initial-cluster", f"dc=http://{FABRIC_ADDRESS}:2380"],
+            [
+                "etcd",
+                "--name",
+                "dc",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                f"http://{FABRIC_ADDRESS}:2380",
+                "--initial-advertise-peer-urls",
+                f"http://{FABRIC_ADDRESS}:2380",
+                "--initial-cluster",
+                f"dc=http://{FABRIC_ADDRESS}:2380",
+            ],
             self.workdir / "etcd.log",
         ).start()
         for i in range(self.n):
             att = self.fabric.add_host()
-            host = CalicnmHost(att.host, att.address, self.workdir / f"host{i + 1}",
-                               f"host{i + 1}", etcd_endpoints=url)
+            host = CalicnmHost(
+                att.host,
+                att.address,
+                self.workdir / f"host{i + 1}",
+                f"host{i + 1}",
+                etcd_endpoints=url,
+            )
             self.hosts.append(host)
             host.start()
         return self

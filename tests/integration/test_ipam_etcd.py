@@ -89,3 +89,32 @@ def test_failover_to_the_next_endpoint(etcd_server):
     assert store.get("/calicnm/v1/config/failover").value == "ok"
     store.delete("/calicnm/v1/config/failover")
     store.close()
+
+
+def test_two_hosts_cannot_claim_one_address(etcd_store):
+    from calicnm.model import Host
+    from calicnm.node import register_host
+
+    register_host(etcd_store, Host("h1", "198.18.0.2"))
+    register_host(etcd_store, Host("h1", "198.18.0.2", as_num=64512))  # a restart: fine
+    with pytest.raises(Conflict, match=r"198\.18\.0\.2 is already registered by host h1"):
+        register_host(etcd_store, Host("h2", "198.18.0.2"))
+
+
+def test_release_affinity_of_a_gone_host(etcd_store):
+    ipam = Allocator(etcd_store, "gone")
+    ipam.add_pool(Pool(N("10.13.0.0/24")))
+    kept = ipam.assign(PoolRef(), "still-used")
+    other = Allocator(etcd_store, "other")
+    # Fill the gone host's first block so it claims a second, then free the second.
+    for _ in range(70):
+        ipam.assign(PoolRef(), "x")
+    assert len(ipam.affine_blocks()) == 2
+    for block in ipam.blocks():
+        for addr in block.addresses_of("x"):
+            ipam.release(addr)
+    assert ipam.release_affinity("gone") == (1, 1)
+    assert ipam.affine_blocks() == []
+    assert ipam.info(kept).holder.handle == "still-used"
+    assert ipam.info(kept).block.affinity is None
+    assert other.assign(PoolRef(), "y") is not None
