@@ -220,6 +220,31 @@ def single_host(workdir: Path, hostname: str = "host1") -> Iterator[CalicnmHost]
             host.close()
 
 
+def fabric_etcd(fabric: Fabric, workdir: Path) -> Process:
+    """An etcd in the fabric namespace at FABRIC_ADDRESS:2379, as a datacenter
+    etcd on its own machine; hosts reach it over the underlay."""
+    url = f"http://{FABRIC_ADDRESS}:2379"
+    peer = f"http://{FABRIC_ADDRESS}:2380"
+    argv = [
+        "etcd",
+        "--name",
+        "dc",
+        "--data-dir",
+        str(workdir / "etcd"),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"dc={peer}",
+    ]
+    return fabric.netns.process(argv, workdir / "etcd.log").start()
+
+
 class Cluster:
     """A fabric, an etcd on it (in the fabric namespace, as a datacenter etcd on
     its own machine) and ``n`` calicnm hosts using that etcd."""
@@ -238,26 +263,7 @@ class Cluster:
     def start(self) -> Cluster:
         self.fabric.create()
         url = self.etcd_url
-        self.etcd = self.fabric.netns.process(
-            [
-                "etcd",
-                "--name",
-                "dc",
-                "--data-dir",
-                str(self.workdir / "etcd"),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                f"http://{FABRIC_ADDRESS}:2380",
-                "--initial-advertise-peer-urls",
-                f"http://{FABRIC_ADDRESS}:2380",
-                "--initial-cluster",
-                f"dc=http://{FABRIC_ADDRESS}:2380",
-            ],
-            self.workdir / "etcd.log",
-        ).start()
+        self.etcd = fabric_etcd(self.fabric, self.workdir)
         for i in range(self.n):
             att = self.fabric.add_host()
             host = CalicnmHost(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.cluster import CalicnmHost, wait_until
+from tests.cluster import CalicnmHost, fabric_etcd, wait_until
 from tests.e2e.test_operator_flow import assert_nothing_left
 from tests.harness import DEFAULT_IMAGE, FABRIC_ADDRESS, Fabric
 
@@ -17,26 +17,7 @@ from tests.harness import DEFAULT_IMAGE, FABRIC_ADDRESS, Fabric
 def test_node_with_etcd_endpoints(tmp_path: Path) -> None:
     with Fabric() as fabric:
         url = f"http://{FABRIC_ADDRESS}:2379"
-        etcd = fabric.netns.process(
-            [
-                "etcd",
-                "--name",
-                "dc",
-                "--data-dir",
-                str(tmp_path / "etcd"),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                f"http://{FABRIC_ADDRESS}:2380",
-                "--initial-advertise-peer-urls",
-                f"http://{FABRIC_ADDRESS}:2380",
-                "--initial-cluster",
-                f"dc=http://{FABRIC_ADDRESS}:2380",
-            ],
-            tmp_path / "etcd.log",
-        ).start()
+        etcd = fabric_etcd(fabric, tmp_path)
         try:
             att = fabric.add_host()
             host = CalicnmHost(

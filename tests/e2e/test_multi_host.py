@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import CalicnmHost, Cluster, cluster, wait_until
+from tests.e2e.test_operator_flow import start_web
 from tests.harness import DEFAULT_IMAGE as IMG
 
 
@@ -25,19 +26,7 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def serve(host: CalicnmHost, name: str, network: str) -> str:
-    host.docker(
-        "run",
-        "-d",
-        "--net",
-        network,
-        "--name",
-        name,
-        IMG,
-        "sh",
-        "-c",
-        "echo hello > /www/index.html && exec httpd -f -v -p 80 -h /www",
-    )
-    return host.ip_of(name, network)
+    return start_web(host, name, network)
 
 
 def fetch_ok(host: CalicnmHost, network: str, ip: str) -> bool:
@@ -259,7 +248,8 @@ def test_nat_outgoing_masquerades_only_outside_every_pool(three: Cluster, tmp_pa
                         "natc",
                         "sh",
                         "-c",
-                        f"busybox timeout 3 wget -q -O /tmp/g http://{web}/index.html && cat /tmp/g",
+                        f"busybox timeout 3 wget -q -O /tmp/g http://{web}/index.html"
+                        " && cat /tmp/g",
                     ).stdout.strip()
                     == "hello"
                 ),
