@@ -6,19 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from calicnm import keys, table
 from calicnm.bgp import DEFAULT_AS, BgpConfig, Peer, check_as, parse_protocols
 from calicnm.bird import Bird
+from calicnm.cli_common import Context, emit_json
 from calicnm.datastore import Store, replace
 from calicnm.errors import CalicnmError, DatastoreConflict, InvalidRequest, NotFound
 from calicnm.model import Host
 
-if TYPE_CHECKING:
-    from calicnm.cli import Context
-
-Leaf = Callable[[Any, str, Callable[["Context"], int], str], argparse.ArgumentParser]
+Leaf = Callable[[Any, str, Callable[[Context], int], str], argparse.ArgumentParser]
 
 
 def read_config(store: Store) -> BgpConfig:
@@ -73,8 +71,6 @@ def cmd_node_show(ctx: Context) -> int:
             peers.setdefault(name, []).append(f"{peer.ip} as {peer.as_num}")
     listed = sorted(hosts(ctx.store), key=lambda h: h.name)
     if ctx.args.json:
-        from calicnm.cli import emit_json
-
         emit_json(
             [
                 {
@@ -158,8 +154,6 @@ def cmd_peer_show(ctx: Context) -> int:
     )
     peers = sorted((Peer.from_json(kv.value) for kv in ctx.store.list(prefix)), key=lambda p: p.ip)
     if ctx.args.json:
-        from calicnm.cli import emit_json
-
         emit_json([{"ip": p.ip, "as_num": p.as_num} for p in peers])
         return 0
     title = "Global IPv4 BGP Peer" if ctx.args.scope == "global" else "Node specific IPv4 BGP Peer"

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from calicnm import cli, keys, policy_store
+from calicnm import cli, cli_policy, keys, policy_store
 from calicnm.datastore import Txn
 from calicnm.errors import Conflict, DatastoreConflict, InvalidRequest, NotFound
 from calicnm.model import Endpoint, Network
@@ -43,13 +43,13 @@ from tests.fakes import MemoryStore
     ],
 )
 def test_rewrite_argv(argv, expected):
-    assert cli.rewrite_argv(cli.build_parser(), argv) == expected
+    assert cli_policy.rewrite_argv(cli.build_parser(), argv) == expected
 
 
 def parse(*argv: str):
     parser = cli.build_parser()
-    args = parser.parse_args(cli.rewrite_argv(parser, list(argv)))
-    cli.pull_remainder_options(args)
+    args = parser.parse_args(cli_policy.rewrite_argv(parser, list(argv)))
+    cli_policy.pull_remainder_options(args)
     return args
 
 
@@ -70,7 +70,7 @@ def parse(*argv: str):
 def test_rule_words_and_at_reach_the_command(argv, at, words):
     args = parse("profile", "web", "rule", "add", *argv)
     assert (args.name, args.at, args.words) == ("web", at, words)
-    assert args.fn is cli.cmd_rule_add
+    assert args.fn is cli_policy.cmd_rule_add
 
 
 @pytest.mark.parametrize(
@@ -93,11 +93,11 @@ def test_rule_usage_errors_exit_2(argv, message, capsys):
 def test_endpoint_profile_options_anywhere():
     args = parse("endpoint", "abc", "profile", "append", "a", "--host", "h1", "b")
     assert (args.endpoint_id, args.host, args.words) == ("abc", "h1", ["a", "b"])
-    assert args.fn is cli.cmd_endpoint_profile_append
+    assert args.fn is cli_policy.cmd_endpoint_profile_append
     args = parse("endpoint", "abc", "profile", "set", "--host=h2")
     assert (args.host, args.words) == ("h2", [])
     args = parse("endpoint", "abc", "profile", "show", "--json")
-    assert args.json and args.fn is cli.cmd_endpoint_profile_show
+    assert args.json and args.fn is cli_policy.cmd_endpoint_profile_show
 
 
 # ---- pure edits ----------------------------------------------------------------
@@ -109,50 +109,50 @@ ICMP = parse_rule_spec("allow icmp type 8".split())
 
 def test_rule_lines_exact():
     profile = Profile("p", (), (Rule("allow", {"src_tag": "dataman"}), *[ICMP] * 10), (Rule(),))
-    lines = cli.rule_lines(profile)
+    lines = cli_policy.rule_lines(profile)
     assert lines[:2] == ["Inbound rules:", "   1 allow from tag dataman"]
     assert lines[11] == "  11 allow icmp type 8"
     assert lines[12:] == ["Outbound rules:", "   1 allow"]
-    assert cli.rule_lines(Profile("e")) == ["Inbound rules:", "Outbound rules:"]
+    assert cli_policy.rule_lines(Profile("e")) == ["Inbound rules:", "Outbound rules:"]
 
 
 def test_add_rule_positions():
-    assert cli.add_rule(WEB, "inbound", DENY, 1).inbound == (DENY, *WEB.inbound)
-    assert cli.add_rule(WEB, "inbound", DENY, None).inbound == (*WEB.inbound, DENY)
-    assert cli.add_rule(WEB, "inbound", DENY, 2).inbound == (*WEB.inbound, DENY)
-    assert cli.add_rule(WEB, "outbound", DENY, 1).outbound == (DENY, Rule())
-    assert cli.add_rule(WEB, "inbound", WEB.inbound[0], 1) == WEB  # already there: unchanged
+    assert cli_policy.add_rule(WEB, "inbound", DENY, 1).inbound == (DENY, *WEB.inbound)
+    assert cli_policy.add_rule(WEB, "inbound", DENY, None).inbound == (*WEB.inbound, DENY)
+    assert cli_policy.add_rule(WEB, "inbound", DENY, 2).inbound == (*WEB.inbound, DENY)
+    assert cli_policy.add_rule(WEB, "outbound", DENY, 1).outbound == (DENY, Rule())
+    assert cli_policy.add_rule(WEB, "inbound", WEB.inbound[0], 1) == WEB  # already there: unchanged
     for bad in (0, -1, 3):
         with pytest.raises(InvalidRequest, match=f"Position {bad} is out of range.*1-2"):
-            cli.add_rule(WEB, "inbound", DENY, bad)
+            cli_policy.add_rule(WEB, "inbound", DENY, bad)
 
 
 def test_remove_rule_by_position_or_equality():
-    two = cli.add_rule(WEB, "inbound", DENY, 1)
-    assert cli.remove_rule(two, "inbound", None, 1) == WEB
-    assert cli.remove_rule(two, "inbound", DENY, None) == WEB
-    assert cli.remove_rule(WEB, "outbound", None, 1).outbound == ()
+    two = cli_policy.add_rule(WEB, "inbound", DENY, 1)
+    assert cli_policy.remove_rule(two, "inbound", None, 1) == WEB
+    assert cli_policy.remove_rule(two, "inbound", DENY, None) == WEB
+    assert cli_policy.remove_rule(WEB, "outbound", None, 1).outbound == ()
     with pytest.raises(InvalidRequest, match="Position 3 is out of range: profile web has 2"):
-        cli.remove_rule(two, "inbound", None, 3)
+        cli_policy.remove_rule(two, "inbound", None, 3)
     with pytest.raises(NotFound, match="no inbound rule 'allow icmp type 8'"):
-        cli.remove_rule(two, "inbound", ICMP, None)
+        cli_policy.remove_rule(two, "inbound", ICMP, None)
 
 
 def test_tags():
-    assert cli.add_tag(WEB, "db").tags == ("web", "db")
-    assert cli.remove_tag(WEB, "web").tags == ()
+    assert cli_policy.add_tag(WEB, "db").tags == ("web", "db")
+    assert cli_policy.remove_tag(WEB, "web").tags == ()
     with pytest.raises(Conflict, match="Tag web is already on profile web"):
-        cli.add_tag(WEB, "web")
+        cli_policy.add_tag(WEB, "web")
     with pytest.raises(NotFound, match="Tag db is not on profile web"):
-        cli.remove_tag(WEB, "db")
+        cli_policy.remove_tag(WEB, "db")
 
 
 def test_parse_rules_update():
-    new = cli.parse_rules_update(
+    new = cli_policy.parse_rules_update(
         '{"id": "web", "inbound_rules": [{"action": "deny"}], "outbound_rules": []}', "web"
     )
     assert (new.inbound, new.outbound) == ((Rule("deny"),), ())
-    no_id = cli.parse_rules_update('{"inbound_rules": [], "outbound_rules": []}', "web")
+    no_id = cli_policy.parse_rules_update('{"inbound_rules": [], "outbound_rules": []}', "web")
     assert no_id == Profile("web")
 
 
@@ -170,7 +170,7 @@ def test_parse_rules_update():
 )
 def test_parse_rules_update_rejections(text, message):
     with pytest.raises(InvalidRequest) as err:
-        cli.parse_rules_update(text, "web")
+        cli_policy.parse_rules_update(text, "web")
     assert message in str(err.value)
 
 
@@ -223,7 +223,7 @@ class Interfering(MemoryStore):
         if self.times and any(k == self.key for k, _ in txn.compare):
             self.times -= 1
             current = Profile.from_json(self.get(self.key).value)  # type: ignore[union-attr]
-            self.put(self.key, cli.add_tag(current, f"t{self.times}").to_json())
+            self.put(self.key, cli_policy.add_tag(current, f"t{self.times}").to_json())
         return super().commit(txn)
 
 
@@ -231,7 +231,7 @@ def test_update_profile_retries_and_keeps_concurrent_changes():
     s = Interfering(keys.profile("web"), 0)
     policy_store.ensure_profile(s, "web")
     s.times = 2
-    result = policy_store.update_profile(s, "web", lambda p: cli.add_tag(p, "mine"))
+    result = policy_store.update_profile(s, "web", lambda p: cli_policy.add_tag(p, "mine"))
     assert result.tags == ("web", "t1", "t0", "mine")
     assert policy_store.get_profile(s, "web") == result
 
@@ -241,14 +241,14 @@ def test_update_profile_gives_up_after_the_bound():
     policy_store.ensure_profile(s, "web")
     s.times = policy_store.CAS_RETRIES + 1
     with pytest.raises(DatastoreConflict, match="gave up after"):
-        policy_store.update_profile(s, "web", lambda p: cli.add_tag(p, "mine"))
+        policy_store.update_profile(s, "web", lambda p: cli_policy.add_tag(p, "mine"))
 
 
 def test_update_profile_refusals_write_nothing(store):
     policy_store.ensure_profile(store, "web")
     before = store.commits
     with pytest.raises(Conflict):
-        policy_store.update_profile(store, "web", lambda p: cli.add_tag(p, "web"))
+        policy_store.update_profile(store, "web", lambda p: cli_policy.add_tag(p, "web"))
     policy_store.update_profile(store, "web", lambda p: p)
     assert store.commits == before
     with pytest.raises(NotFound):
