@@ -10,7 +10,7 @@ PYTHON ?= python3
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
 deps:
@@ -34,6 +34,14 @@ test: lint
 
 unit: deps
 	$(PY) -m pytest tests/unit
+
+# Data plane (qperf) and control plane benchmarks; report, table and charts in
+# bench/results/<UTC time>/.  Prints figures; never fails on a number.
+bench: deps
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	out=bench/results/$$(date -u +%Y%m%dT%H%M%SZ); \
+	$(PY) bench/dataplane.py --out $$out && $(PY) bench/controlplane.py --out $$out && \
+	echo "report: $$out"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
