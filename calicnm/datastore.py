@@ -54,23 +54,25 @@ class Store(Protocol):
 
     def delete(self, key: str) -> bool: ...
 
-    def commit(self, txn: Txn) -> bool: ...
+    def commit(self, txn: Txn) -> int:
+        """Apply ``txn`` if its compares hold: the new revision, else 0."""
+        ...
 
     def close(self) -> None: ...
 
 
 def create(store: Store, key: str, value: str) -> bool:
     """Write ``key`` only if it does not exist."""
-    return store.commit(Txn(compare=[(key, ABSENT)], puts=[(key, value)]))
+    return store.commit(Txn(compare=[(key, ABSENT)], puts=[(key, value)])) != 0
 
 
 def replace(store: Store, key: str, value: str, revision: int) -> bool:
     """Write ``key`` only if it is still at ``revision`` (ABSENT: create)."""
-    return store.commit(Txn(compare=[(key, revision)], puts=[(key, value)]))
+    return store.commit(Txn(compare=[(key, revision)], puts=[(key, value)])) != 0
 
 
 def delete_if(store: Store, key: str, revision: int) -> bool:
-    return store.commit(Txn(compare=[(key, revision)], deletes=[key]))
+    return store.commit(Txn(compare=[(key, revision)], deletes=[key])) != 0
 
 
 @dataclass(frozen=True)
@@ -210,8 +212,10 @@ class EtcdStore:
     def delete(self, key: str) -> bool:
         return bool(self._call(lambda c: c.delete(key)))
 
-    def commit(self, txn: Txn) -> bool:
-        def run(c: Any) -> bool:
+    def commit(self, txn: Txn) -> int:
+        def run(c: Any) -> int:
+            import etcd3.etcdrpc as etcdrpc
+
             compare = []
             for key, revision in txn.compare:
                 if revision == ABSENT:
@@ -220,10 +224,21 @@ class EtcdStore:
                     compare.append(c.transactions.mod(key) == revision)
             success = [c.transactions.put(k, v) for k, v in txn.puts]
             success += [c.transactions.delete(k) for k in txn.deletes]
-            ok, _ = c.transaction(compare=compare, success=success, failure=[])
-            return bool(ok)
+            # etcd3's own transaction() drops the response header; the
+            # header's revision is the new mod_revision of every key written,
+            # which lets IPAM compare against its own last write next time
+            # instead of reading the block again.
+            request = etcdrpc.TxnRequest(
+                compare=[x.build_message() for x in compare],
+                success=c._ops_to_requests(success),
+                failure=[],
+            )
+            response = c.kvstub.Txn(
+                request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+            )
+            return int(response.header.revision) if response.succeeded else 0
 
-        return bool(self._call(run))
+        return int(self._call(run))
 
     def watch(self, prefix: str, notify: Callable[[bool], None]) -> Callable[[], None]:
         """Call ``notify(True)`` on every change under ``prefix`` and

@@ -129,6 +129,30 @@ class Allocator:
         self._host = host
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._pools_cache: tuple[int, list[Pool]] | None = None
+        """(pools-generation revision, pools) as last read; claims compare the
+        revision, so a stale cache can never create a block in a removed pool."""
+        self._written: dict[IPv4Network, Block] = {}
+        """Blocks as this allocator last wrote them (with the revision of that
+        write): the next change to one compares against it without reading
+        it first, and re-reads only when someone else wrote it since."""
+        self._spare: dict[IPv4Network, None] = {}
+        """This host's blocks that had free space when last seen, in the order
+        to try them: the steady-state allocation is one read and one commit."""
+
+    def _known_pools(self, fresh: bool = False) -> tuple[int, list[Pool]]:
+        if fresh or self._pools_cache is None:
+            guard = self._store.get(POOLS_GUARD)
+            self._pools_cache = (guard.revision if guard else ABSENT, self.pools())
+        return self._pools_cache
+
+    def _pool_of(self, addr: IPv4Address) -> Pool | None:
+        """The pool holding ``addr``, from the cache first, then fresh."""
+        for fresh in (False, True):
+            for pool in self._known_pools(fresh)[1]:
+                if addr in pool.cidr:
+                    return pool
+        return None
 
     # ---- pools -----------------------------------------------------------
 
@@ -151,6 +175,7 @@ class Allocator:
                 puts=[(keys.pool(pool.cidr), pool.to_json()), (POOLS_GUARD, _bump(guard))],
             )
             if self._store.commit(txn):
+                self._pools_cache = None
                 _log.info("pool added cidr=%s options=%s", pool.cidr, ",".join(pool.options))
                 return
         raise DatastoreConflict("pool list kept changing; try again")
@@ -190,6 +215,8 @@ class Allocator:
                 if b.affinity:
                     txn.deletes.append(keys.affinity(b.affinity, b.cidr))
             if self._store.commit(txn):
+                self._pools_cache = None
+                self._spare = {}
                 _log.info("pool removed cidr=%s", cidr)
                 return
         raise DatastoreConflict(f"pool {cidr} kept changing; try again")
@@ -241,7 +268,7 @@ class Allocator:
     def _assign_exact(
         self, ref: PoolRef, address: IPv4Address, allocation: Allocation
     ) -> IPv4Address:
-        pool = self.pool_containing(address)
+        pool = self._pool_of(address)
         if pool is None:
             raise InvalidRequest(f"address {address} is outside every calicnm pool")
         if ref.subnet is not None and address not in ref.subnet:
@@ -260,11 +287,37 @@ class Allocator:
     def _assign_auto(
         self, ref: PoolRef, allocation: Allocation, exclude: tuple[IPv4Network, ...]
     ) -> IPv4Address:
-        pools = [p for p in self.pools() if not p.disabled]
+        # First from what this allocator already knows (cached pools, blocks
+        # of ours that had space); then, if that finds nothing or the pools
+        # changed underneath, from a fresh read of everything.
+        for fresh in (False, True):
+            try:
+                found = self._assign_pass(ref, allocation, exclude, fresh)
+            except _PoolsChanged:
+                continue
+            if found is not None:
+                return found
+        pools = [p for p in self._known_pools()[1] if not p.disabled]
         if ref.subnet is not None:
             pools = [p for p in pools if ref.subnet.subnet_of(p.cidr)]
         if not pools:
             raise PoolExhausted(f"no enabled calicnm pool serves {ref.subnet or 'this network'}")
+        where = ref.subnet or ", ".join(str(p.cidr) for p in pools)
+        raise PoolExhausted(f"no free address left in {where}")
+
+    def _assign_pass(
+        self,
+        ref: PoolRef,
+        allocation: Allocation,
+        exclude: tuple[IPv4Network, ...],
+        fresh: bool,
+    ) -> IPv4Address | None:
+        guard, known = self._known_pools(fresh)
+        pools = [p for p in known if not p.disabled]
+        if ref.subnet is not None:
+            pools = [p for p in pools if ref.subnet.subnet_of(p.cidr)]
+        if not pools:
+            return None
 
         def in_scope(cidr: IPv4Network) -> tuple[Pool | None, bool]:
             for pool in pools:
@@ -275,6 +328,29 @@ class Allocator:
                     )
             return None, False
 
+        def attempt(cidr: IPv4Network, claim: bool, phase: str) -> IPv4Address | None:
+            pool, ok = in_scope(cidr)
+            if pool is None or not ok:
+                return None
+            found = self._try_block(cidr, pool, ref, allocation, claim, exclude, guard)
+            if found is not None:
+                self._spare[cidr] = None
+                _log.info(
+                    "address assigned ip=%s handle=%s kind=%s block=%s via=%s",
+                    found,
+                    allocation.handle,
+                    allocation.kind,
+                    cidr,
+                    phase,
+                )
+            return found
+
+        if not fresh:
+            for cidr in list(self._spare):
+                if (found := attempt(cidr, False, "affine")) is not None:
+                    return found
+            return None
+
         # A pass works from one snapshot of the blocks; if another writer
         # created blocks meanwhile the pass can miss free space, so a failed
         # pass is repeated (bounded) while the set of blocks keeps changing.
@@ -284,30 +360,17 @@ class Allocator:
             if snapshot is not None and existing.keys() == snapshot.keys():
                 break
             snapshot = existing
-            mine = [c for c, b in existing.items() if b.affinity == self._host]
-            others = [c for c, b in existing.items() if b.affinity != self._host]
+            mine = [c for c, b in existing.items() if b.affinity == self._host and b.free]
+            others = [c for c, b in existing.items() if b.affinity != self._host and b.free]
             for phase, candidates, claim in (
                 ("affine", mine, False),
                 ("claim", self._unclaimed(pools, ref, existing), True),
                 ("borrow", others, False),
             ):
                 for cidr in candidates:
-                    pool, ok = in_scope(cidr)
-                    if pool is None or not ok:
-                        continue
-                    found = self._try_block(cidr, pool, ref, allocation, claim, exclude)
-                    if found is not None:
-                        _log.info(
-                            "address assigned ip=%s handle=%s kind=%s block=%s via=%s",
-                            found,
-                            allocation.handle,
-                            allocation.kind,
-                            cidr,
-                            phase,
-                        )
+                    if (found := attempt(cidr, claim, phase)) is not None:
                         return found
-        where = ref.subnet or ", ".join(str(p.cidr) for p in pools)
-        raise PoolExhausted(f"no free address left in {where}")
+        return None
 
     def _unclaimed(
         self, pools: list[Pool], ref: PoolRef, existing: dict[IPv4Network, Block]
@@ -332,6 +395,7 @@ class Allocator:
         allocation: Allocation,
         claim: bool,
         exclude: tuple[IPv4Network, ...],
+        guard: int,
     ) -> IPv4Address | None:
         chosen: list[IPv4Address] = []
 
@@ -345,7 +409,9 @@ class Allocator:
 
         try:
             try:
-                self._update_block(cidr, change, claim_if_absent=claim, only_claim=claim)
+                self._update_block(
+                    cidr, change, claim_if_absent=claim, only_claim=claim, guard=guard
+                )
             except _AlreadyClaimed:
                 # Someone created it first; if that someone is this host (a
                 # concurrent request here), the block is ours to use.
@@ -354,12 +420,13 @@ class Allocator:
                     return None
                 self._update_block(cidr, change, claim_if_absent=False)
         except (_BlockFull, _NoBlock):
+            self._spare.pop(cidr, None)
             return None
         return chosen[0]
 
     def release(self, address: IPv4Address) -> bool:
         """Free ``address``; False (not an error) if it was not allocated."""
-        pool = self.pool_containing(address)
+        pool = self._pool_of(address)
         if pool is None:
             return False
         released = [False]
@@ -371,8 +438,9 @@ class Allocator:
             released[0] = True
             return new
 
+        cidr = _block_of(address, pool)
         try:
-            self._update_block(_block_of(address, pool), change, claim_if_absent=False)
+            self._update_block(cidr, change, claim_if_absent=False)
         except (_Unchanged, _NoBlock):
             return False
         _log.info("address released ip=%s", address)
@@ -380,7 +448,7 @@ class Allocator:
 
     def set_handle(self, address: IPv4Address, handle: str) -> bool:
         """Record the owner of an allocated address (False if not allocated)."""
-        pool = self.pool_containing(address)
+        pool = self._pool_of(address)
         if pool is None:
             return False
 
@@ -469,6 +537,7 @@ class Allocator:
         change: Callable[[Block], Block],
         claim_if_absent: bool,
         only_claim: bool = False,
+        guard: int | None = None,
     ) -> None:
         """Apply ``change`` to block ``cidr`` atomically, re-reading on conflict.
 
@@ -476,16 +545,22 @@ class Allocator:
         this host's affinity in the same transaction.  With ``only_claim`` a
         block that someone else created meanwhile is left alone
         (``_AlreadyClaimed``): the caller wanted a fresh block, not a borrow.
-        Exceptions raised by ``change`` propagate untouched.
+        A claim also compares the pools generation against ``guard`` (when
+        given), so a pool removed meanwhile is never claimed from
+        (``_PoolsChanged``).  Exceptions raised by ``change`` propagate untouched.
         """
         for attempt in range(CAS_RETRIES):
-            current = self._block(cidr)
+            known = self._written.pop(cidr, None) if attempt == 0 else None
+            current = known if known is not None else self._block(cidr)
             if current is None:
                 if not claim_if_absent:
                     raise _NoBlock
                 new = change(Block.new(cidr, self._host))
+                compare = [(keys.block(cidr), ABSENT)]
+                if guard is not None:
+                    compare.append((POOLS_GUARD, guard))
                 txn = Txn(
-                    compare=[(keys.block(cidr), ABSENT)],
+                    compare=compare,
                     puts=[
                         (keys.block(cidr), new.to_json()),
                         (keys.affinity(self._host, cidr), ""),
@@ -499,10 +574,16 @@ class Allocator:
                     compare=[(keys.block(cidr), current.revision)],
                     puts=[(keys.block(cidr), new.to_json())],
                 )
-            if self._store.commit(txn):
+            if revision := self._store.commit(txn):
+                self._written[cidr] = dataclasses.replace(new, revision=revision)
                 if current is None:
                     _log.info("block claimed block=%s host=%s", cidr, self._host)
                 return
+            if current is None and guard is not None:
+                latest = self._store.get(POOLS_GUARD)
+                if (latest.revision if latest else ABSENT) != guard:
+                    self._pools_cache = None
+                    raise _PoolsChanged
             # Lost the race: back off a little (bounded) and re-read.
             self._sleep(self._rng.uniform(0, min(0.002 * (attempt + 1), 0.05)))
         raise DatastoreConflict(f"block {cidr} is too contended; gave up after {CAS_RETRIES} tries")
@@ -517,6 +598,10 @@ class _AlreadyClaimed(Exception):
 
 
 class _NoBlock(Exception):
+    pass
+
+
+class _PoolsChanged(Exception):
     pass
 
 

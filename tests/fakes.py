@@ -50,22 +50,22 @@ class MemoryStore:
         with self._lock:
             return self._data.pop(key, None) is not None
 
-    def commit(self, txn: Txn) -> bool:
+    def commit(self, txn: Txn) -> int:
         self._check()
         with self._lock:
             self.commits += 1
             for key, revision in txn.compare:
                 current = self._data.get(key)
                 if revision == ABSENT and current is not None:
-                    return False
+                    return 0
                 if revision != ABSENT and (current is None or current[1] != revision):
-                    return False
+                    return 0
             self._revision += 1
             for key, value in txn.puts:
                 self._data[key] = (value, self._revision)
             for key in txn.deletes:
                 self._data.pop(key, None)
-            return True
+            return self._revision
 
     def close(self) -> None:
         pass

@@ -154,3 +154,34 @@ def test_pool_ids_are_self_describing():
     for bad in ["", "other:10.0.0.0/26", "calicnm:x", 7, None, "calicnm:1:2:3"]:
         with pytest.raises(InvalidRequest):
             PoolRef.parse(bad)
+
+
+def test_interleaved_allocators_with_stale_caches_never_share_an_address(store):
+    first = Allocator(store, "h1", sleep=lambda s: None)
+    second = Allocator(store, "h1", sleep=lambda s: None)
+    first.add_pool(Pool(N("10.0.0.0/24")))
+    held: set = set()
+    for i in range(150):
+        addr = (first if i % 3 else second).assign(PoolRef(), f"e{i}")
+        assert addr not in held, f"{addr} handed out twice"
+        held.add(addr)
+        if i % 7 == 0:
+            victim = sorted(held)[len(held) // 2]
+            assert (second if i % 2 else first).release(victim)
+            held.discard(victim)
+    assert sum(len(b.allocations) for b in first.blocks()) == len(held)
+
+
+def test_a_cached_pool_list_never_claims_from_a_removed_pool(store):
+    ipam = Allocator(store, "h1", sleep=lambda s: None)
+    other = Allocator(store, "h2", sleep=lambda s: None)
+    ipam.add_pool(Pool(N("10.0.0.0/26")))
+    ipam.add_pool(Pool(N("10.0.1.0/26")))
+    a = ipam.assign(PoolRef(subnet=N("10.0.0.0/26")), "e")
+    ipam.release(a)
+    other.remove_pool(N("10.0.1.0/26"))  # behind ipam's back
+    got = {ipam.assign(PoolRef(), "x") for _ in range(62)}
+    assert all(a in N("10.0.0.0/26") for a in got)
+    with pytest.raises(PoolExhausted):
+        ipam.assign(PoolRef(), "x")
+    assert not [k for k in store.all_keys() if "10.0.1.0" in k]
