@@ -1,0 +1,91 @@
+"""Smoke test of the data-plane benchmark (``bench/dataplane.py --quick``).
+
+It keeps the benchmark's harness from rotting: every case must still build, carry qperf
+traffic and land in the report.  It asserts no performance figure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "dataplane.py"
+CASES = {
+    "loopback",
+    "veth",
+    "host",
+    "handbuilt",
+    "calicnm-same",
+    "calicnm-routed",
+    "calicnm-vxlan",
+    "docker-bridge",
+    "overlay",
+    "macvlan",
+}
+TIMEOUT = 600
+
+
+def _require() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark needs root")
+    for tool in ("qperf", "dockerd", "etcd"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; run 'sh scripts/install-deps.sh'")
+
+
+def _run_quick(out: Path) -> subprocess.CompletedProcess[str]:
+    """Run the benchmark; on timeout SIGTERM it (it then tears down what it built)."""
+    argv = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
+    with subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                output, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            pytest.fail(f"bench/dataplane.py --quick took over {TIMEOUT}s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, output, "")
+
+
+def test_quick_run_writes_a_report_with_numbers_for_every_case(tmp_path: Path) -> None:
+    _require()
+    out = tmp_path / "report"
+    result = _run_quick(out)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    assert (out / "dataplane.md").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        for chart in ("bandwidth.png", "latency.png"):
+            assert (out / chart).read_bytes().startswith(b"\x89PNG"), chart
+
+    data = json.loads((out / "dataplane.json").read_text())
+    cases = {case["key"]: case for case in data["cases"]}
+    assert set(cases) == CASES
+    sizes = set(data["settings"]["sweep_sizes"])
+    for key, case in cases.items():
+        assert case["errors"] == [], (key, case["errors"])
+        fixed = case["fixed"]
+        assert fixed["bw_bytes_per_s"] and fixed["lat_s"], key
+        assert all(v > 0 for v in fixed["bw_bytes_per_s"] + fixed["lat_s"]), key
+        for test in ("tcp_bw", "tcp_lat"):
+            got = {s["msg_size"] for s in case["sweep"] if s["test"] == test and s["value"] > 0}
+            assert got == sizes, (key, test, sorted(got))
+
+    markdown = (out / "dataplane.md").read_text()
+    for heading in ("System", "Results at 64 KiB messages", "calicnm against its goals"):
+        assert f"## {heading}" in markdown
+    assert {goal["status"] for goal in data["goals"]} <= {"met", "missed"}
