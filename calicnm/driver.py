@@ -325,7 +325,7 @@ class Driver:
         network = self.network(network_id)
         _profile, mtu = parse_network_options(network.options)
         plan = plan_link(endpoint_id, mac, (address,))
-        if not mtu and (extra := overhead(self._ipam.pool_containing(address))):
+        if not mtu and (extra := overhead(self._ipam.pool_of(address))):
             # Leave room for the tunnel header, so large transfers never need
             # fragmenting (or die to a lost "fragmentation needed").
             mtu = plan.mtu - extra

@@ -146,7 +146,7 @@ class Allocator:
             self._pools_cache = (guard.revision if guard else ABSENT, self.pools())
         return self._pools_cache
 
-    def _pool_of(self, addr: IPv4Address) -> Pool | None:
+    def pool_of(self, addr: IPv4Address) -> Pool | None:
         """The pool holding ``addr``, from the cache first, then fresh."""
         for fresh in (False, True):
             for pool in self._known_pools(fresh)[1]:
@@ -268,7 +268,7 @@ class Allocator:
     def _assign_exact(
         self, ref: PoolRef, address: IPv4Address, allocation: Allocation
     ) -> IPv4Address:
-        pool = self._pool_of(address)
+        pool = self.pool_of(address)
         if pool is None:
             raise InvalidRequest(f"address {address} is outside every calicnm pool")
         if ref.subnet is not None and address not in ref.subnet:
@@ -426,7 +426,7 @@ class Allocator:
 
     def release(self, address: IPv4Address) -> bool:
         """Free ``address``; False (not an error) if it was not allocated."""
-        pool = self._pool_of(address)
+        pool = self.pool_of(address)
         if pool is None:
             return False
         released = [False]
@@ -448,7 +448,7 @@ class Allocator:
 
     def set_handle(self, address: IPv4Address, handle: str) -> bool:
         """Record the owner of an allocated address (False if not allocated)."""
-        pool = self._pool_of(address)
+        pool = self.pool_of(address)
         if pool is None:
             return False
 

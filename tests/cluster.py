@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -298,3 +300,24 @@ def cluster(workdir: Path, n: int) -> Iterator[Cluster]:
         yield c.start()
     finally:
         c.close()
+
+
+def run_quick_bench(script: Path, out: Path, timeout: float = 600) -> tuple[int | None, str]:
+    """Run ``script --quick --out OUT``; (exit status, output), or (None, output)
+    if it timed out.  On a timeout it gets SIGTERM, which unwinds its teardown,
+    and only then SIGKILL, so nothing it built outlives the test."""
+    argv = [sys.executable, str(script), "--quick", "--out", str(out)]
+    with subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+            return proc.returncode, output
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                output, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            return None, output

@@ -12,13 +12,12 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.cluster import run_quick_bench
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,22 +29,6 @@ pytestmark = [
 EN_DASH = "\u2013"  # bench/report.py writes it for a missing figure
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "controlplane.py"
 TIMEOUT_S = 600
-
-
-def run_quick(out: Path) -> tuple[int | None, str]:
-    argv = [sys.executable, str(BENCH), "--quick", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-        return proc.returncode, output
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        return None, output
 
 
 def is_number(value: Any) -> bool:
@@ -63,7 +46,7 @@ def assert_numbers(case: dict[str, Any], *paths: str) -> None:
 
 def test_quick_run_reports_every_case(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    returncode, output = run_quick(out)
+    returncode, output = run_quick_bench(BENCH, out, TIMEOUT_S)
     assert returncode is not None, f"timed out after {TIMEOUT_S} s:\n{output[-4000:]}"
     assert returncode == 0, output[-4000:]
 

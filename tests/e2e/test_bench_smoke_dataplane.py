@@ -10,12 +10,11 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cluster import run_quick_bench
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "dataplane.py"
@@ -42,30 +41,13 @@ def _require() -> None:
             pytest.fail(f"{tool} is not installed; run 'sh scripts/install-deps.sh'")
 
 
-def _run_quick(out: Path) -> subprocess.CompletedProcess[str]:
-    """Run the benchmark; on timeout SIGTERM it (it then tears down what it built)."""
-    argv = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
-    with subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                output, _ = proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
-            pytest.fail(f"bench/dataplane.py --quick took over {TIMEOUT}s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(argv, proc.returncode, output, "")
-
-
 def test_quick_run_writes_a_report_with_numbers_for_every_case(tmp_path: Path) -> None:
     _require()
     out = tmp_path / "report"
-    result = _run_quick(out)
-    assert result.returncode == 0, result.stdout[-4000:]
+    returncode, output = run_quick_bench(SCRIPT, out, TIMEOUT)
+    if returncode is None:
+        pytest.fail(f"bench/dataplane.py --quick took over {TIMEOUT}s:\n{output[-4000:]}")
+    assert returncode == 0, output[-4000:]
 
     assert (out / "dataplane.md").stat().st_size > 0
     if importlib.util.find_spec("matplotlib") is not None:
