@@ -64,9 +64,10 @@ from bench.report import (  # noqa: E402
     write_json,
     write_markdown,
 )
-from calicnm.datastore import ABSENT, KV, EtcdStore, Store, Txn, parse_endpoints  # noqa: E402
 from calicnm.ipam import Allocator, PoolRef  # noqa: E402
 from calicnm.model import Pool  # noqa: E402
+from calicnm.store.etcd import EtcdStore, parse_endpoints  # noqa: E402
+from calicnm.store.kv import ABSENT, KV, Store, Txn  # noqa: E402
 from tests.cluster import CalicnmHost  # noqa: E402
 from tests.harness import DEFAULT_IMAGE, Fabric  # noqa: E402
 

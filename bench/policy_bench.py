@@ -37,16 +37,17 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from calicnm import keys
-from calicnm.agent import Agent, Markers
-from calicnm.dataplane import PolicyDataplane
-from calicnm.datastore import EtcdStore, parse_endpoints
 from calicnm.endpoint import derive_mac, plan_link
-from calicnm.ipsets import Ipsets
-from calicnm.iptables import Iptables
+from calicnm.host.ipsets import Ipsets
+from calicnm.host.iptables import Iptables
+from calicnm.host.markers import Markers
+from calicnm.host.netlink import HostPlumbing
+from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Endpoint, Network
-from calicnm.plumbing import HostPlumbing
+from calicnm.node.agent import Agent
 from calicnm.policy import Profile, Rule
+from calicnm.store import keys
+from calicnm.store.etcd import EtcdStore, parse_endpoints
 
 CLONE_NEWNET = 0x40000000
 
@@ -72,7 +73,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-class TimedDataplane(PolicyDataplane):
+class TimedDataplane(PolicyApplier):
     """Records when each apply returned and which chains it wrote."""
 
     def __init__(self) -> None:

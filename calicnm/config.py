@@ -141,7 +141,7 @@ class Config:
     def as_number(self) -> int | None:
         if self.as_num is None:
             return None
-        from calicnm.bgp import check_as
+        from calicnm.model import check_as
 
         return check_as(self.as_num)
 

@@ -9,8 +9,9 @@ State lives in etcd only, never in this process: Docker does not repeat a
 handshake or a CreateNetwork after a plugin restart, so every call must be
 answerable from the datastore alone.
 
-Ordering for "nothing half-made": CreateEndpoint writes the endpoint record
-and then builds the veth; if the kernel refuses, the record is deleted
+Ordering for "nothing half-made": CreateEndpoint builds the veth and then
+writes the endpoint record (the agent acts on the record and must find the
+interface in place); if the record cannot be written the veth is removed
 again and Docker releases the address.  DeleteEndpoint removes the veth
 before the record, so a failure leaves a record that a retry can finish.
 """
@@ -19,33 +20,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from calicnm import keys
-from calicnm.datastore import Store, create
-from calicnm.encap import overhead
 from calicnm.endpoint import (
     LinkPlan,
-    check_id,
     choose_gateway,
     derive_mac,
     join_response,
     normalise_mac,
     plan_link,
 )
-from calicnm.errors import (
-    CalicnmError,
-    DataplaneError,
-    InvalidRequest,
-    NotFound,
-    Unsupported,
-)
+from calicnm.errors import CalicnmError, DataplaneError, InvalidRequest, NotFound, Unsupported
 from calicnm.ipam import Allocator, PoolRef
 from calicnm.model import Endpoint, IPv4Network, Network, parse_address, parse_network
-from calicnm.policy_store import ensure_profile
+from calicnm.routing.encap import overhead
+from calicnm.store import keys, records
+from calicnm.store.edits import ensure_profile
+from calicnm.store.kv import Store, create
+from calicnm.validation import check_id, check_name
 
 _log = logging.getLogger(__name__)
 
@@ -63,7 +57,6 @@ NETWORK_OPTIONS = {
     "mtu": "MTU of the container interfaces (576-9000)",
     "com.docker.network.driver.mtu": "same as mtu",
 }
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _obj(body: Any, what: str = "request body") -> dict[str, Any]:
@@ -89,15 +82,6 @@ def _opt_dict(body: dict[str, Any], key: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest(f"{key} must be a JSON object")
-    return value
-
-
-def check_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value):
-        raise InvalidRequest(
-            f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
     return value
 
 
@@ -302,13 +286,13 @@ class Driver:
         return {"SkipIPv4": True, "SkipIPv6": True}
 
     def networks(self) -> list[Network]:
-        return [Network.from_json(kv.value) for kv in self._store.list(keys.NETWORKS)]
+        return list(records.networks(self._store).values())
 
     def network(self, network_id: str) -> Network:
-        kv = self._store.get(keys.network(network_id))
-        if kv is None:
+        network = records.network(self._store, network_id)
+        if network is None:
             raise NotFound(f"network {network_id[:12]} is not a calicnm network")
-        return Network.from_json(kv.value)
+        return network
 
     # ---- endpoints -------------------------------------------------------
 
@@ -362,10 +346,10 @@ class Driver:
         return {} if given_mac else {"Interface": {"MacAddress": mac}}
 
     def endpoint(self, endpoint_id: str) -> Endpoint:
-        kv = self._store.get(keys.endpoint(self._host, endpoint_id))
-        if kv is None:
+        found = records.endpoint(self._store, self._host, endpoint_id)
+        if found is None:
             raise NotFound(f"endpoint {endpoint_id[:12]} does not exist on host {self._host}")
-        return Endpoint.from_json(kv.value)
+        return found[1]
 
     def endpoint_oper_info(self, body: Any) -> dict[str, Any]:
         req = _obj(body)
@@ -444,10 +428,7 @@ class Driver:
         return {}
 
     def local_endpoints(self) -> list[Endpoint]:
-        return [
-            Endpoint.from_json(kv.value)
-            for kv in self._store.list(keys.endpoints_prefix(self._host))
-        ]
+        return records.endpoints(self._store, self._host)
 
 
 def _subnets(network: Network) -> list[IPv4Network]:

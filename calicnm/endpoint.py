@@ -31,15 +31,6 @@ GATEWAY_BASE = ipaddress.IPv4Address("169.254.1.1")
 GATEWAY_LIMIT = 250
 """At most this many calicnm interfaces in one container (169.254.1.1-250)."""
 
-_ID_RE = re.compile(r"^[0-9a-z]{12,64}$")
-
-
-def check_id(value: object, what: str) -> str:
-    """Docker ids are 64 hex chars (25 base36 chars for swarm networks)."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise InvalidRequest(f"{what} must be a Docker id (12-64 lowercase hex/base36 chars)")
-    return value
-
 
 def host_ifname(endpoint_id: str) -> str:
     return HOST_PREFIX + endpoint_id[:ID_CHARS]

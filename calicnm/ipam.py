@@ -26,24 +26,23 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from calicnm import keys
 from calicnm.blocks import KIND_ENDPOINT, Allocation, Block
-from calicnm.datastore import ABSENT, KV, Store, Txn
 from calicnm.errors import (
     AddressInUse,
     Conflict,
-    DatastoreConflict,
     InvalidRequest,
     NotFound,
     PoolExhausted,
 )
 from calicnm.model import DEFAULT_POOL, IPv4Address, IPv4Network, Pool, parse_network
+from calicnm.store import keys, records
+from calicnm.store.kv import ABSENT, KV, Store, Txn, retry_cas
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-CAS_RETRIES = 100
-"""Bounded retries for one compare-and-swap loop before DatastoreConflict."""
 
 POOLS_GUARD = keys.config("pools-generation")
 """Bumped by every pool add/remove, so concurrent overlapping adds conflict."""
@@ -157,11 +156,12 @@ class Allocator:
     # ---- pools -----------------------------------------------------------
 
     def pools(self) -> list[Pool]:
-        return [Pool.from_json(kv.value) for kv in self._store.list(keys.POOLS)]
+        return records.pools(self._store)
 
     def add_pool(self, pool: Pool) -> None:
         """Add ``pool``; Conflict if it overlaps an existing one."""
-        for _ in range(CAS_RETRIES):
+
+        def attempt() -> bool | None:
             guard = self._store.get(POOLS_GUARD)
             for other in self.pools():
                 if other.cidr == pool.cidr:
@@ -174,11 +174,11 @@ class Allocator:
                 compare=[(POOLS_GUARD, guard.revision if guard else ABSENT)],
                 puts=[(keys.pool(pool.cidr), pool.to_json()), (POOLS_GUARD, _bump(guard))],
             )
-            if self._store.commit(txn):
-                self._pools_cache = None
-                _log.info("pool added cidr=%s options=%s", pool.cidr, ",".join(pool.options))
-                return
-        raise DatastoreConflict("pool list kept changing; try again")
+            return True if self._store.commit(txn) else None
+
+        self._retry(attempt, "the pool list")
+        self._pools_cache = None
+        _log.info("pool added cidr=%s options=%s", pool.cidr, ",".join(pool.options))
 
     def ensure_default_pool(self) -> bool:
         """Create 192.168.0.0/16 when no pool exists at all; True if created."""
@@ -192,7 +192,8 @@ class Allocator:
 
     def remove_pool(self, cidr: IPv4Network) -> None:
         """Remove a pool with no address in use, with its empty blocks."""
-        for _ in range(CAS_RETRIES):
+
+        def attempt() -> bool | None:
             guard = self._store.get(POOLS_GUARD)
             kv = self._store.get(keys.pool(cidr))
             if kv is None:
@@ -214,12 +215,12 @@ class Allocator:
                 txn.deletes.append(keys.block(b.cidr))
                 if b.affinity:
                     txn.deletes.append(keys.affinity(b.affinity, b.cidr))
-            if self._store.commit(txn):
-                self._pools_cache = None
-                self._spare = {}
-                _log.info("pool removed cidr=%s", cidr)
-                return
-        raise DatastoreConflict(f"pool {cidr} kept changing; try again")
+            return True if self._store.commit(txn) else None
+
+        self._retry(attempt, f"pool {cidr}")
+        self._pools_cache = None
+        self._spare = {}
+        _log.info("pool removed cidr=%s", cidr)
 
     def pool_containing(self, addr: IPv4Address | IPv4Network) -> Pool | None:
         for pool in self.pools():
@@ -493,8 +494,8 @@ class Allocator:
         return self._blocks()
 
     def affine_blocks(self, host: str | None = None) -> list[IPv4Network]:
-        prefix = keys.affinity_prefix(host or self._host)
-        return [keys.parse_cidr(keys.last_segment(kv.key)) for kv in self._store.list(prefix)]
+        owner = host or self._host
+        return records.affinities(self._store, owner).get(owner, [])
 
     def release_affinity(self, host: str) -> tuple[int, int]:
         """Forget ``host``'s claims (it is gone): empty blocks are deleted,
@@ -502,7 +503,8 @@ class Allocator:
         Returns (blocks deleted, blocks kept)."""
         deleted = kept = 0
         for cidr in self.affine_blocks(host):
-            for _ in range(CAS_RETRIES):
+
+            def attempt(cidr: IPv4Network = cidr) -> bool | None:
                 block = self._block(cidr)
                 txn = Txn(deletes=[keys.affinity(host, cidr)])
                 if block is not None and block.affinity == host:
@@ -512,24 +514,26 @@ class Allocator:
                     else:
                         orphan = dataclasses.replace(block, affinity=None)
                         txn.puts.append((keys.block(cidr), orphan.to_json()))
-                if self._store.commit(txn):
-                    if block is not None and block.empty:
-                        deleted += 1
-                    else:
-                        kept += 1
-                    break
+                if not self._store.commit(txn):
+                    return None
+                return block is not None and block.empty
+
+            if self._retry(attempt, f"block {cidr}"):
+                deleted += 1
             else:
-                raise DatastoreConflict(f"block {cidr} kept changing; try again")
+                kept += 1
         return deleted, kept
 
     # ---- the CAS loop ----------------------------------------------------
 
+    def _retry(self, attempt: Callable[[], T | None], what: str) -> T:
+        return retry_cas(attempt, what, sleep=self._sleep, rng=self._rng)
+
     def _blocks(self) -> list[Block]:
-        return [_read_block(kv) for kv in self._store.list(keys.BLOCKS)]
+        return records.blocks(self._store)
 
     def _block(self, cidr: IPv4Network) -> Block | None:
-        kv = self._store.get(keys.block(cidr))
-        return _read_block(kv) if kv else None
+        return records.block(self._store, cidr)
 
     def _update_block(
         self,
@@ -549,9 +553,13 @@ class Allocator:
         given), so a pool removed meanwhile is never claimed from
         (``_PoolsChanged``).  Exceptions raised by ``change`` propagate untouched.
         """
-        for attempt in range(CAS_RETRIES):
-            known = self._written.pop(cidr, None) if attempt == 0 else None
-            current = known if known is not None else self._block(cidr)
+        # The first try compares against this allocator's own last write of
+        # the block (no read); every later try re-reads it.
+        known = [self._written.pop(cidr, None)]
+
+        def attempt() -> bool | None:
+            cached = known.pop() if known else None
+            current = cached if cached is not None else self._block(cidr)
             if current is None:
                 if not claim_if_absent:
                     raise _NoBlock
@@ -578,15 +586,15 @@ class Allocator:
                 self._written[cidr] = dataclasses.replace(new, revision=revision)
                 if current is None:
                     _log.info("block claimed block=%s host=%s", cidr, self._host)
-                return
+                return True
             if current is None and guard is not None:
                 latest = self._store.get(POOLS_GUARD)
                 if (latest.revision if latest else ABSENT) != guard:
                     self._pools_cache = None
                     raise _PoolsChanged
-            # Lost the race: back off a little (bounded) and re-read.
-            self._sleep(self._rng.uniform(0, min(0.002 * (attempt + 1), 0.05)))
-        raise DatastoreConflict(f"block {cidr} is too contended; gave up after {CAS_RETRIES} tries")
+            return None  # lost the race: back off a little and re-read
+
+        self._retry(attempt, f"block {cidr}")
 
 
 class _BlockFull(Exception):
@@ -615,10 +623,6 @@ def _bump(guard: KV | None) -> str:
 
 def _block_of(address: IPv4Address, pool: Pool) -> IPv4Network:
     return ipaddress.IPv4Network(f"{address}/{pool.block_prefix}", strict=False)
-
-
-def _read_block(kv: KV) -> Block:
-    return Block.from_json(kv.value, revision=kv.revision)
 
 
 __all__ = ["ANY_POOL_ID", "AddressInUse", "AddressInfo", "Allocator", "PoolRef"]

@@ -272,3 +272,61 @@ def effective_profiles(endpoint: Endpoint, network: Network | None) -> tuple[str
     if network is not None and network.profile_name:
         return (network.profile_name,)
     return ()
+
+
+# ---- BGP ----------------------------------------------------------------
+
+DEFAULT_AS = 64511
+"""Calico's default AS for every node that has none of its own."""
+
+
+def check_as(value: object) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise InvalidRequest(f"AS number {value!r} is not a number") from None
+    if not 1 <= number <= 4294967295:
+        raise InvalidRequest(f"AS number {number} is outside 1-4294967295")
+    return number
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    """Global settings: ``/calicnm/v1/bgp/config``."""
+
+    node_mesh: bool = True
+    as_num: int = DEFAULT_AS
+
+    def to_json(self) -> str:
+        return json.dumps({"node_mesh": self.node_mesh, "as_num": self.as_num}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | None) -> BgpConfig:
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+            return cls(bool(data.get("node_mesh", True)), check_as(data.get("as_num", DEFAULT_AS)))
+        except (ValueError, AttributeError) as exc:
+            raise InvalidRequest(f"stored BGP config is malformed: {raw!r:.80}") from exc
+
+
+@dataclass(frozen=True)
+class Peer:
+    ip: str
+    as_num: int
+
+    def to_json(self) -> str:
+        return json.dumps({"ip": self.ip, "as_num": self.as_num}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Peer:
+        try:
+            data = json.loads(raw)
+            return cls(str(parse_address(str(data["ip"]))), check_as(data["as_num"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(f"stored BGP peer is malformed: {raw!r:.80}") from exc
+
+    @classmethod
+    def parse(cls, ip: str, as_num: str) -> Peer:
+        return cls(str(parse_address(ip, "peer address")), check_as(as_num))

@@ -122,7 +122,7 @@ def build_app(driver: Driver) -> Flask:
 def create_app() -> Flask:
     """Composition root for gunicorn: wire real adapters from the environment."""
     from calicnm.config import Config
-    from calicnm.services import build_driver, setup_logging
+    from calicnm.wiring import build_driver, setup_logging
 
     config = Config.from_env()
     setup_logging(config.log_level)

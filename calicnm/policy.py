@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from calicnm.errors import InvalidRequest
+from calicnm.validation import check_name, is_name
 
 ACTIONS = ("allow", "deny")
 PROTOCOL_NAMES = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "udplite": 136}
@@ -37,19 +37,6 @@ MATCH_FIELDS = (
 )
 KNOWN_FIELDS = ("action", *MATCH_FIELDS, *(f"!{m}" for m in MATCH_FIELDS))
 DIRECTIONS = ("inbound", "outbound")
-
-# \Z, not $: "$" also matches before a trailing newline, which let "web\n"
-# through as a name (and into an etcd key).
-_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-def check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise InvalidRequest(
-            f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 def _port(value: object, where: str, problems: list[str]) -> int | str | None:
@@ -118,7 +105,7 @@ class Rule:
             elif base in ("src_net", "dst_net"):
                 canon = _net(value, key, problems)
             elif base in ("src_tag", "dst_tag"):
-                canon = value if isinstance(value, str) and _NAME_RE.match(value) else None
+                canon = value if is_name(value) else None
                 if canon is None:
                     problems.append(f"{key}: {value!r} is not a tag name")
             elif base in ("src_ports", "dst_ports"):

@@ -1,6 +1,6 @@
 """Compiling policy into kernel state: profiles -> iptables chains and ipsets.
 
-Pure: takes values, returns a ``Dataplane`` value; ``dataplane.py`` applies it.
+Pure: takes values, returns a ``CompiledPolicy`` value; ``dataplane.py`` applies it.
 
 Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
 
@@ -121,7 +121,7 @@ class LocalEndpoint:
 
 
 @dataclass(frozen=True)
-class Dataplane:
+class CompiledPolicy:
     """Desired kernel state: chains per table, and ipsets with their type.
 
     ``chains`` is the filter table and ``nat_chains`` the nat table (rule
@@ -157,12 +157,12 @@ def tag_members(
     return members
 
 
-def compile_dataplane(
+def compile_policy(
     profiles: dict[str, Profile | None],
     endpoints: list[LocalEndpoint],
     members: dict[str, set[str]],
     pools: Sequence[Pool] = (),
-) -> Dataplane:
+) -> CompiledPolicy:
     """The whole desired filter- and nat-table state for this host.
 
     ``profiles`` maps names to profiles; ``None`` marks one that exists but
@@ -208,7 +208,7 @@ def compile_dataplane(
             for rule in profile.rules(direction):
                 for tag in _tags_of(rule):
                     ipsets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
-                rules.extend(rule_lines(rule))
+                rules.extend(rule_bodies(rule))
             chains[chain] = tuple(rules)
     types = dict.fromkeys(ipsets, HASH_IP)
     nat_chains: dict[str, tuple[str, ...]] = {}
@@ -220,7 +220,7 @@ def compile_dataplane(
             f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
             "-j MASQUERADE",
         )
-    return Dataplane(chains, ipsets, nat_chains, types)
+    return CompiledPolicy(chains, ipsets, nat_chains, types)
 
 
 def _nets(cidrs: Iterable[IPv4Network]) -> frozenset[str]:
@@ -287,7 +287,7 @@ def _port_chunks(ports: list[int | str]) -> list[str]:
     return [",".join(c) for c in chunks if c]
 
 
-def rule_lines(rule: Rule) -> list[str]:
+def rule_bodies(rule: Rule) -> list[str]:
     """iptables rule bodies for one rule; several when positive port lists
     need more than one multiport match (their cross product)."""
     m = rule.match

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from calicnm.datastore import EtcdStore, parse_endpoints
+from calicnm.store.etcd import EtcdStore, parse_endpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")

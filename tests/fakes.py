@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import threading
 
-from calicnm.datastore import ABSENT, KV, Txn
 from calicnm.endpoint import LinkPlan
 from calicnm.errors import DataplaneError, DatastoreUnavailable
+from calicnm.store.kv import ABSENT, KV, Txn
 
 
 class MemoryStore:

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from calicnm import keys
 from calicnm.model import Endpoint, Network
 from calicnm.policy import Profile
+from calicnm.store import keys
 from tests.integration.test_cli import run
 
 pytestmark = pytest.mark.etcd

@@ -11,7 +11,7 @@ import pytest
 
 from calicnm.config import Config
 from calicnm.errors import DatastoreUnavailable, InvalidRequest
-from calicnm.services import build_store
+from calicnm.wiring import build_store
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.etcd

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from calicnm import keys
-from calicnm.datastore import EtcdStore, parse_endpoints
 from calicnm.errors import Conflict, DatastoreUnavailable, PoolExhausted
 from calicnm.ipam import Allocator, PoolRef
 from calicnm.model import Pool
+from calicnm.store import keys
+from calicnm.store.etcd import EtcdStore, parse_endpoints
 
 pytestmark = pytest.mark.etcd
 
@@ -93,7 +93,7 @@ def test_failover_to_the_next_endpoint(etcd_server):
 
 def test_two_hosts_cannot_claim_one_address(etcd_store):
     from calicnm.model import Host
-    from calicnm.node import register_host
+    from calicnm.node.daemon import register_host
 
     register_host(etcd_store, Host("h1", "198.18.0.2"))
     register_host(etcd_store, Host("h1", "198.18.0.2", as_num=64512))  # a restart: fine

@@ -12,15 +12,16 @@ import subprocess
 
 import pytest
 
-from calicnm import keys
-from calicnm.agent import Agent, Markers
-from calicnm.dataplane import PolicyDataplane
 from calicnm.endpoint import derive_mac, plan_link
-from calicnm.ipsets import Ipsets
-from calicnm.iptables import Iptables
+from calicnm.host.ipsets import Ipsets
+from calicnm.host.iptables import Iptables
+from calicnm.host.markers import Markers
+from calicnm.host.netlink import HostPlumbing
+from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Endpoint, Network
-from calicnm.plumbing import HostPlumbing
+from calicnm.node.agent import Agent
 from calicnm.policy import Profile, parse_rule_spec
+from calicnm.store import keys
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
 
@@ -71,7 +72,7 @@ def rig(etcd_store, netns, tmp_path):
     agent = Agent(
         store,
         "h1",
-        PolicyDataplane(Iptables(), Ipsets()),
+        PolicyApplier(Iptables(), Ipsets()),
         plumbing,
         Markers(str(tmp_path / "programmed")),
     )
@@ -147,7 +148,7 @@ def test_a_restarted_agent_converges_without_duplicates(rig):
     fresh = Agent(
         store,
         "h1",
-        PolicyDataplane(Iptables(), Ipsets()),
+        PolicyApplier(Iptables(), Ipsets()),
         plumbing,
         Markers(str(tmp / "programmed")),
     )

@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from calicnm import keys
-from calicnm.agent import Agent, Markers
-from calicnm.dataplane import PolicyDataplane
-from calicnm.ipsets import Ipsets
-from calicnm.iptables import Iptables
+from calicnm.host.ipsets import Ipsets
+from calicnm.host.iptables import Iptables
+from calicnm.host.markers import Markers
+from calicnm.host.netlink import HostPlumbing
+from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Pool
-from calicnm.plumbing import HostPlumbing
+from calicnm.node.agent import Agent
+from calicnm.store import keys
 from tests.conftest import VENV_BIN
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
@@ -60,7 +61,7 @@ def put_pool(store, cidr: str, nat_outgoing: bool = False) -> None:
 
 
 def new_agent(store, tmp_path) -> Agent:
-    dataplane = PolicyDataplane(Iptables(), Ipsets())
+    dataplane = PolicyApplier(Iptables(), Ipsets())
     markers = Markers(str(tmp_path / "programmed"))
     return Agent(store, "h1", dataplane, HostPlumbing(), markers)
 

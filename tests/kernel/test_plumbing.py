@@ -9,7 +9,8 @@ import pytest
 
 from calicnm.endpoint import LinkPlan, plan_link
 from calicnm.errors import DataplaneError
-from calicnm.plumbing import HostPlumbing, host_addresses, read_sysctl
+from calicnm.host.netlink import HostPlumbing, host_addresses
+from calicnm.host.sysctl import read_sysctl
 
 pytestmark = pytest.mark.kernel
 

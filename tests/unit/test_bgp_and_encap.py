@@ -6,17 +6,10 @@ import ipaddress
 
 import pytest
 
-from calicnm import encap
-from calicnm.bgp import (
-    BgpConfig,
-    BirdInput,
-    Peer,
-    parse_protocols,
-    render_bird,
-    render_route_reflector,
-)
 from calicnm.errors import InvalidRequest
-from calicnm.model import Endpoint, Host, Pool
+from calicnm.model import BgpConfig, Endpoint, Host, Peer, Pool
+from calicnm.routing import encap
+from calicnm.routing.bgp import BirdInput, parse_protocols, render_bird, render_route_reflector
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address

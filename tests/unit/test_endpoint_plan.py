@@ -4,6 +4,7 @@ import pytest
 
 from calicnm import endpoint
 from calicnm.errors import InvalidRequest
+from calicnm.validation import check_id
 
 EID = "629601b5fa245ddf93ea239eb288111b92d6781bedeebcb340ccdf43a081ea34"
 
@@ -32,14 +33,16 @@ def test_mac_normalised():
     assert endpoint.normalise_mac("EE-01-02-03-04-05") == "ee:01:02:03:04:05"
 
 
-@pytest.mark.parametrize("bad", ["", "short", "UPPERCASEHEX0123", 42, None, "a" * 65])
+@pytest.mark.parametrize(
+    "bad", ["", "short", "UPPERCASEHEX0123", 42, None, "a" * 65, "a" * 64 + "\n"]
+)
 def test_ids_are_checked(bad):
     with pytest.raises(InvalidRequest):
-        endpoint.check_id(bad, "EndpointID")
+        check_id(bad, "EndpointID")
 
 
 def test_swarm_ids_are_accepted():
-    assert endpoint.check_id("a1b2c3d4e5f6g7h8i9j0k1l2m", "NetworkID")
+    assert check_id("a1b2c3d4e5f6g7h8i9j0k1l2m", "NetworkID")
 
 
 def test_gateways_are_unique_per_sandbox():

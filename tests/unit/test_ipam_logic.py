@@ -4,10 +4,10 @@ import ipaddress
 
 import pytest
 
-from calicnm import keys
 from calicnm.errors import AddressInUse, Conflict, InvalidRequest, NotFound, PoolExhausted
 from calicnm.ipam import Allocator, PoolRef
 from calicnm.model import Pool
+from calicnm.store import keys
 from tests.fakes import MemoryStore
 
 N = ipaddress.IPv4Network
@@ -139,7 +139,7 @@ def test_cas_loser_rereads_instead_of_overwriting(store):
     key = keys.block(N("10.0.0.0/26"))
     stale = store.get(key)
     second = ipam.assign(PoolRef(), "b")
-    from calicnm.datastore import replace
+    from calicnm.store.kv import replace
 
     assert not replace(store, key, stale.value, stale.revision)
     assert {first, second} <= {ipam.info(a).address for a in (first, second)}

@@ -1,25 +1,39 @@
 import pytest
 
 from calicnm.errors import DataplaneError
-from calicnm.iptables import jump_fixups, render
+from calicnm.host.iptables import jump_fixups, restore_script
 
 
-def test_render_rewrites_whole_chains_in_one_transaction():
-    chains = {"calicnm-FORWARD": ["-i cali+ -j ACCEPT", "-o cali+ -j ACCEPT"]}
-    text = render("filter", chains, ["-I FORWARD 1 -j calicnm-FORWARD"])
+def test_script_rewrites_whole_chains_in_one_transaction():
+    chains = {"calicnm-FORWARD": ("-i cali+ -j ACCEPT", "-o cali+ -j ACCEPT")}
+    text = restore_script("filter", chains, ["-I FORWARD 1 -j calicnm-FORWARD"], ["calicnm-old"])
     assert text == (
         "*filter\n"
         ":calicnm-FORWARD - [0:0]\n"
+        ":calicnm-old - [0:0]\n"
         "-A calicnm-FORWARD -i cali+ -j ACCEPT\n"
         "-A calicnm-FORWARD -o cali+ -j ACCEPT\n"
         "-I FORWARD 1 -j calicnm-FORWARD\n"
+        "-X calicnm-old\n"
         "COMMIT\n"
     )
 
 
-def test_render_refuses_foreign_chains():
+@pytest.mark.parametrize(
+    ("write", "jumps", "delete"),
+    [
+        ({"DOCKER-USER": ()}, [], []),
+        ({}, [], ["FORWARD"]),
+        ({"calicnm-x y": ()}, [], []),
+        ({"calicnm-FORWARD": ("-j ACCEPT\n-A INPUT -j ACCEPT",)}, [], []),
+        ({}, ["-I FORWARD 1 -j DOCKER-USER"], []),
+        ({}, ["-A FORWARD -j ACCEPT"], []),
+        ({}, ["-I FORWARD 1 -j calicnm-FORWARD -p tcp"], []),
+    ],
+)
+def test_script_refuses_anything_but_calicnm_chains(write, jumps, delete):
     with pytest.raises(DataplaneError):
-        render("filter", {"DOCKER-USER": []})
+        restore_script("filter", write, jumps, delete)
 
 
 SAVED = """*filter

@@ -3,11 +3,11 @@ import ipaddress
 
 import pytest
 
-from calicnm import keys
 from calicnm.config import Config, add_arguments
-from calicnm.datastore import parse_endpoints
 from calicnm.errors import InvalidRequest
 from calicnm.model import Endpoint, Network, Pool, parse_address, parse_network
+from calicnm.store import keys, records
+from calicnm.store.etcd import parse_endpoints
 
 
 def test_pool_smaller_than_a_block_is_refused():
@@ -61,8 +61,9 @@ def test_key_layout_is_versioned_and_reversible():
     assert (
         keys.block(ipaddress.IPv4Network("10.0.0.0/26")) == "/calicnm/v1/ipam/v4/blocks/10.0.0.0-26"
     )
-    assert keys.parse_cidr("10.0.0.0-26") == ipaddress.IPv4Network("10.0.0.0/26")
-    assert keys.host_of_endpoint_key(keys.endpoint("h1", "abc")) == "h1"
+    assert records.cidr_of("10.0.0.0-26") == ipaddress.IPv4Network("10.0.0.0/26")
+    parts = records.parse_key(keys.endpoint("h1", "abc"))
+    assert parts == records.KeyParts("endpoint", "abc", "h1")
 
 
 def test_etcd_endpoints_parsing():
@@ -92,7 +93,7 @@ def test_flags_win_over_environment_and_subcommands_do_not_reset_them():
 
 
 def test_host_address_detection_skips_container_interfaces():
-    from calicnm.node import detect_ip
+    from calicnm.node.daemon import detect_ip
 
     found = [
         ("lo", "127.0.0.1"),

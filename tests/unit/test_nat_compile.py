@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from calicnm import cli
 from calicnm import profiles as p
+from calicnm.cli import main as cli
 from calicnm.model import Pool
 from calicnm.policy import Profile
 
@@ -23,8 +23,8 @@ def pool(cidr: str, nat: bool = False, **kw: bool) -> Pool:
     return Pool(ipaddress.IPv4Network(cidr), nat_outgoing=nat, **kw)
 
 
-def compile_with(*pools: Pool) -> p.Dataplane:
-    return p.compile_dataplane({"dataman": Profile.default("dataman")}, [EP], {}, pools)
+def compile_with(*pools: Pool) -> p.CompiledPolicy:
+    return p.compile_policy({"dataman": Profile.default("dataman")}, [EP], {}, pools)
 
 
 def test_one_nat_pool_full_nat_table_and_sets():
@@ -82,7 +82,7 @@ def test_filter_table_is_the_same_with_or_without_nat():
 def test_nat_without_endpoints_still_masquerades():
     # Another host's containers are none of our business, but a host with
     # no local endpoint yet still gets the (cheap) nat rule: it is per pool.
-    dp = p.compile_dataplane({}, [], {}, [pool("10.0.0.0/16", nat=True)])
+    dp = p.compile_policy({}, [], {}, [pool("10.0.0.0/16", nat=True)])
     assert dp.nat_chains == {"calicnm-POSTROUTING": (MASQ,)}
     assert set(dp.ipsets) == {"calicnm-all-pools", "calicnm-masq-pools"}
 

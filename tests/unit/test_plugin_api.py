@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from calicnm import keys
 from calicnm.driver import Driver
 from calicnm.ipam import Allocator
 from calicnm.model import Pool
 from calicnm.plugin_api import build_app
+from calicnm.store import keys
 from tests.fakes import FakePlumbing, MemoryStore
 
 NID = "6f49939a5d861b88bab9633a90df9206d74f387e13a58e07639c41910427ffb7"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from calicnm.errors import InvalidRequest
-from calicnm.policy import Profile, Rule, check_name, parse_rule_spec
+from calicnm.policy import Profile, Rule, parse_rule_spec
+from calicnm.validation import check_name
 
 # ---- Rule.from_dict: what is accepted, in canonical form ---------------------
 

@@ -1,4 +1,4 @@
-"""The profile commands' pure helpers, and policy_store over the in-memory store."""
+"""The profile commands' pure helpers, and edits over the in-memory store."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import ipaddress
 
 import pytest
 
-from calicnm import cli, cli_policy, keys, policy_store
-from calicnm.datastore import Txn
+from calicnm.cli import main as cli
+from calicnm.cli import profile_commands as cli_policy
 from calicnm.errors import Conflict, DatastoreConflict, InvalidRequest, NotFound
 from calicnm.model import Endpoint, Network
 from calicnm.policy import Profile, Rule, parse_rule_spec
+from calicnm.store import edits, keys, kv, records
+from calicnm.store.kv import Txn
 from tests.fakes import MemoryStore
 
 # ---- argv rewriting and REMAINDER options -------------------------------------
@@ -109,11 +111,11 @@ ICMP = parse_rule_spec("allow icmp type 8".split())
 
 def test_rule_lines_exact():
     profile = Profile("p", (), (Rule("allow", {"src_tag": "dataman"}), *[ICMP] * 10), (Rule(),))
-    lines = cli_policy.rule_lines(profile)
+    lines = cli_policy.rule_listing(profile)
     assert lines[:2] == ["Inbound rules:", "   1 allow from tag dataman"]
     assert lines[11] == "  11 allow icmp type 8"
     assert lines[12:] == ["Outbound rules:", "   1 allow"]
-    assert cli_policy.rule_lines(Profile("e")) == ["Inbound rules:", "Outbound rules:"]
+    assert cli_policy.rule_listing(Profile("e")) == ["Inbound rules:", "Outbound rules:"]
 
 
 def test_add_rule_positions():
@@ -174,7 +176,7 @@ def test_parse_rules_update_rejections(text, message):
     assert message in str(err.value)
 
 
-# ---- policy_store over MemoryStore -------------------------------------------------
+# ---- edits over MemoryStore -------------------------------------------------
 
 NET = Network(id="n" * 64, docker_name="dataman")
 
@@ -196,20 +198,20 @@ def store() -> MemoryStore:
 
 
 def test_profile_crud(store):
-    assert policy_store.list_profiles(store) == []
-    assert policy_store.ensure_profile(store, "web")
-    assert not policy_store.ensure_profile(store, "web")
-    assert not policy_store.create_profile(store, Profile("web"))
-    assert policy_store.get_profile(store, "web") == Profile.default("web")
-    assert policy_store.create_profile(store, Profile("a"))
-    assert [p.name for p in policy_store.list_profiles(store)] == ["a", "web"]
-    policy_store.delete_profile(store, "a")
+    assert records.profiles(store) == []
+    assert edits.ensure_profile(store, "web")
+    assert not edits.ensure_profile(store, "web")
+    assert not edits.create_profile(store, Profile("web"))
+    assert edits.get_profile(store, "web") == Profile.default("web")
+    assert edits.create_profile(store, Profile("a"))
+    assert [p.name for p in records.profiles(store)] == ["a", "web"]
+    edits.delete_profile(store, "a")
     with pytest.raises(NotFound, match="Profile a not found"):
-        policy_store.get_profile(store, "a")
+        edits.get_profile(store, "a")
     with pytest.raises(NotFound):
-        policy_store.delete_profile(store, "a")
+        edits.delete_profile(store, "a")
     with pytest.raises(InvalidRequest, match="profile name"):
-        policy_store.get_profile(store, "../x")
+        edits.get_profile(store, "../x")
 
 
 class Interfering(MemoryStore):
@@ -229,46 +231,49 @@ class Interfering(MemoryStore):
 
 def test_update_profile_retries_and_keeps_concurrent_changes():
     s = Interfering(keys.profile("web"), 0)
-    policy_store.ensure_profile(s, "web")
+    edits.ensure_profile(s, "web")
     s.times = 2
-    result = policy_store.update_profile(s, "web", lambda p: cli_policy.add_tag(p, "mine"))
+    result = edits.update_profile(s, "web", lambda p: cli_policy.add_tag(p, "mine"))
     assert result.tags == ("web", "t1", "t0", "mine")
-    assert policy_store.get_profile(s, "web") == result
+    assert edits.get_profile(s, "web") == result
 
 
-def test_update_profile_gives_up_after_the_bound():
+def test_compare_and_swap_gives_up_after_the_bound_having_written_nothing():
     s = Interfering(keys.profile("web"), 0)
-    policy_store.ensure_profile(s, "web")
-    s.times = policy_store.CAS_RETRIES + 1
+    edits.ensure_profile(s, "web")
+    s.times = kv.CAS_RETRIES + 1
+    pauses: list[float] = []
     with pytest.raises(DatastoreConflict, match="gave up after"):
-        policy_store.update_profile(s, "web", lambda p: cli_policy.add_tag(p, "mine"))
+        kv.update(s, keys.profile("web"), lambda _kv: "{}", "profile web", sleep=pauses.append)
+    assert len(pauses) == kv.CAS_RETRIES and max(pauses) <= 0.05
+    assert s.get(keys.profile("web")).value != "{}"  # type: ignore[union-attr]
 
 
 def test_update_profile_refusals_write_nothing(store):
-    policy_store.ensure_profile(store, "web")
+    edits.ensure_profile(store, "web")
     before = store.commits
     with pytest.raises(Conflict):
-        policy_store.update_profile(store, "web", lambda p: cli_policy.add_tag(p, "web"))
-    policy_store.update_profile(store, "web", lambda p: p)
+        edits.update_profile(store, "web", lambda p: cli_policy.add_tag(p, "web"))
+    edits.update_profile(store, "web", lambda p: p)
     assert store.commits == before
     with pytest.raises(NotFound):
-        policy_store.update_profile(store, "nope", lambda p: p)
+        edits.update_profile(store, "nope", lambda p: p)
 
 
 def test_find_endpoint(store):
-    kv, ep = policy_store.find_endpoint(store, "ab" * 32)
+    kv, ep = edits.find_endpoint(store, "ab" * 32)
     assert ep.host == "h2" and kv.key == keys.endpoint("h2", "ab" * 32)
-    assert policy_store.find_endpoint(store, "abababababab")[1].id == "ab" * 32
-    assert policy_store.find_endpoint(store, "a" * 64, host="h3")[1].host == "h3"
-    assert policy_store.find_endpoint(store, "a" * 12, host="h1")[1].host == "h1"
+    assert edits.find_endpoint(store, "abababababab")[1].id == "ab" * 32
+    assert edits.find_endpoint(store, "a" * 64, host="h3")[1].host == "h3"
+    assert edits.find_endpoint(store, "a" * 12, host="h1")[1].host == "h1"
     with pytest.raises(InvalidRequest, match=r"ambiguous: it matches aaaaaaaaaaaa on h1, .* on h3"):
-        policy_store.find_endpoint(store, "a" * 64)
+        edits.find_endpoint(store, "a" * 64)
     with pytest.raises(NotFound, match="at least 12 characters"):
-        policy_store.find_endpoint(store, "ababab")
+        edits.find_endpoint(store, "ababab")
     with pytest.raises(NotFound, match="not found on host h1"):
-        policy_store.find_endpoint(store, "ab" * 32, host="h1")
+        edits.find_endpoint(store, "ab" * 32, host="h1")
     with pytest.raises(InvalidRequest):
-        policy_store.find_endpoint(store, "a/b")
+        edits.find_endpoint(store, "a/b")
 
 
 def test_update_endpoint_profiles_starts_from_effective(store):
@@ -278,17 +283,17 @@ def test_update_endpoint_profiles_starts_from_effective(store):
         seen.append(current)
         return (*current, "web")
 
-    ep = policy_store.update_endpoint_profiles(store, "a" * 64, append, host="h1")
+    ep = edits.update_endpoint_profiles(store, "a" * 64, append, host="h1")
     assert seen == [("dataman",)] and ep.profiles == ("dataman", "web")
-    assert policy_store.find_endpoint(store, "a" * 64, "h1")[1].profiles == ("dataman", "web")
-    emptied = policy_store.update_endpoint_profiles(store, "ab" * 32, lambda _: ())
+    assert edits.find_endpoint(store, "a" * 64, "h1")[1].profiles == ("dataman", "web")
+    emptied = edits.update_endpoint_profiles(store, "ab" * 32, lambda _: ())
     assert emptied.profiles == ()
     with pytest.raises(InvalidRequest, match="profile name"):
-        policy_store.update_endpoint_profiles(store, "ab" * 32, lambda _: ("bad name",))
+        edits.update_endpoint_profiles(store, "ab" * 32, lambda _: ("bad name",))
 
 
 def test_profile_members(store):
-    members = policy_store.profile_members(store, "dataman")
+    members = edits.profile_members(store, "dataman")
     assert sorted(e.host for e in members) == ["h1", "h3"]
-    assert [e.host for e in policy_store.profile_members(store, "web")] == ["h2"]
-    assert policy_store.profile_members(store, "other") == []
+    assert [e.host for e in edits.profile_members(store, "web")] == ["h2"]
+    assert edits.profile_members(store, "other") == []

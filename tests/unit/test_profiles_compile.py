@@ -35,14 +35,14 @@ RULES = [
 
 
 @pytest.mark.parametrize(("spec", "lines"), RULES, ids=[r[0] for r in RULES])
-def test_rule_lines(spec, lines):
-    assert p.rule_lines(parse_rule_spec(spec.split())) == lines
+def test_rule_bodies(spec, lines):
+    assert p.rule_bodies(parse_rule_spec(spec.split())) == lines
 
 
 def test_long_port_lists_split_into_multiport_chunks():
     ports = [*range(1, 17), "100:200"]
     rule = Rule.from_dict({"action": "deny", "protocol": "tcp", "dst_ports": ports})
-    assert p.rule_lines(rule) == [
+    assert p.rule_bodies(rule) == [
         "-p tcp -m multiport --dports 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 -j DROP",
         "-p tcp -m multiport --dports 16,100:200 -j DROP",
     ]
@@ -53,7 +53,7 @@ EP = p.LocalEndpoint("e1" * 32, "calie1e1e1e1e1e", ("10.0.0.2",), ("dataman",))
 
 def test_one_endpoint_full_table():
     profile = Profile.default("dataman")
-    dp = p.compile_dataplane({"dataman": profile}, [EP], {"dataman": {"10.0.0.2", "10.0.0.3"}})
+    dp = p.compile_policy({"dataman": profile}, [EP], {"dataman": {"10.0.0.2", "10.0.0.3"}})
     assert dp.ipsets == {"calicnm-t-dataman": frozenset({"10.0.0.2", "10.0.0.3"})}
     assert dp.chains == {
         "calicnm-FORWARD": (
@@ -93,7 +93,7 @@ def test_one_endpoint_full_table():
 
 def test_profiles_are_tried_in_order_and_missing_ones_drop():
     ep = p.LocalEndpoint("e1" * 32, "calie1e1e1e1e1e", ("10.0.0.2",), ("gone", "WEB"))
-    dp = p.compile_dataplane({"WEB": Profile("WEB"), "gone": None}, [ep], {})
+    dp = p.compile_policy({"WEB": Profile("WEB"), "gone": None}, [ep], {})
     assert dp.chains["calicnm-to-e1e1e1e1e1e"] == (
         "-j MARK --set-xmark 0x0/0x1000000",
         "-j calicnm-pi-gone",
@@ -108,12 +108,12 @@ def test_profiles_are_tried_in_order_and_missing_ones_drop():
 
 def test_endpoint_without_profiles_denies_everything():
     ep = p.LocalEndpoint("e1" * 32, "calie1e1e1e1e1e", ("10.0.0.2",), ())
-    dp = p.compile_dataplane({}, [ep], {})
+    dp = p.compile_policy({}, [ep], {})
     assert dp.chains["calicnm-to-e1e1e1e1e1e"] == ("-j MARK --set-xmark 0x0/0x1000000", "-j DROP")
 
 
 def test_only_used_profiles_and_tags_are_materialised():
-    dp = p.compile_dataplane(
+    dp = p.compile_policy(
         {"dataman": Profile.default("dataman"), "other": Profile.default("other")},
         [EP],
         {"dataman": {"10.0.0.2"}, "other": {"10.0.0.9"}},
@@ -131,8 +131,8 @@ def test_rules_grow_linearly_and_dispatch_is_a_tree():
         ]
 
     profiles = {"dataman": Profile.default("dataman")}
-    small = p.compile_dataplane(profiles, eps(100), {})
-    big = p.compile_dataplane(profiles, eps(1000), {})
+    small = p.compile_policy(profiles, eps(100), {})
+    big = p.compile_policy(profiles, eps(1000), {})
     per_endpoint = (big.rule_count() - small.rule_count()) / 900
     assert per_endpoint < 12
     assert len(big.chains["calicnm-FROM-EP"]) <= 17

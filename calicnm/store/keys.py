@@ -1,5 +1,7 @@
 """The etcd key layout, version 1: the only place that spells a key.
 
+``records.parse_key`` is the inverse: nothing else takes a key apart.
+
 Every process (plugin, node, CLI, every host) reads and writes through these
 builders, so the layout is a contract between hosts running different
 releases.  Only backward-compatible additions belong here; a change of shape
@@ -29,11 +31,6 @@ ROOT = "/calicnm/v1"
 
 def _cidr(cidr: ipaddress.IPv4Network | str) -> str:
     return str(cidr).replace("/", "-")
-
-
-def parse_cidr(token: str) -> ipaddress.IPv4Network:
-    """Inverse of the CIDR encoding used in keys."""
-    return ipaddress.IPv4Network(token.replace("-", "/"))
 
 
 def config(name: str) -> str:
@@ -86,23 +83,17 @@ def network(network_id: str) -> str:
     return NETWORKS + network_id
 
 
+def host_prefix(host: str) -> str:
+    return f"{HOSTS}{host}/"
+
+
 def host_meta(host: str) -> str:
-    return f"{HOSTS}{host}/meta"
+    return f"{host_prefix(host)}meta"
 
 
 def endpoints_prefix(host: str) -> str:
-    return f"{HOSTS}{host}/endpoints/"
+    return f"{host_prefix(host)}endpoints/"
 
 
 def endpoint(host: str, endpoint_id: str) -> str:
     return endpoints_prefix(host) + endpoint_id
-
-
-def last_segment(key: str) -> str:
-    return key.rsplit("/", 1)[-1]
-
-
-def host_of_endpoint_key(key: str) -> str:
-    """``/calicnm/v1/hosts/<host>/endpoints/<id>`` -> ``<host>``."""
-    rest = key[len(HOSTS) :]
-    return rest.split("/", 1)[0]

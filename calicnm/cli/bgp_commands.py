@@ -8,33 +8,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from calicnm import keys, table
-from calicnm.bgp import DEFAULT_AS, BgpConfig, Peer, check_as, parse_protocols
-from calicnm.bird import Bird
-from calicnm.cli_common import Context, emit_json
-from calicnm.datastore import Store, replace
-from calicnm.errors import CalicnmError, DatastoreConflict, InvalidRequest, NotFound
-from calicnm.model import Host
+from calicnm.cli import table
+from calicnm.cli.context import Context, emit_json
+from calicnm.errors import CalicnmError, InvalidRequest, NotFound
+from calicnm.model import DEFAULT_AS, BgpConfig, Peer, check_as
+from calicnm.routing.bgp import parse_protocols
+from calicnm.routing.bird import Bird
+from calicnm.store import keys, records
+from calicnm.store.edits import update_bgp_config
 
 Leaf = Callable[[Any, str, Callable[[Context], int], str], argparse.ArgumentParser]
-
-
-def read_config(store: Store) -> BgpConfig:
-    kv = store.get(keys.BGP_CONFIG)
-    return BgpConfig.from_json(kv.value if kv else None)
-
-
-def update_config(store: Store, change: Callable[[BgpConfig], BgpConfig]) -> BgpConfig:
-    for _ in range(20):
-        kv = store.get(keys.BGP_CONFIG)
-        new = change(BgpConfig.from_json(kv.value if kv else None))
-        if replace(store, keys.BGP_CONFIG, new.to_json(), kv.revision if kv else 0):
-            return new
-    raise DatastoreConflict("BGP configuration kept changing; try again")
-
-
-def hosts(store: Store) -> list[Host]:
-    return [Host.from_json(kv.value) for kv in store.list(keys.HOSTS) if kv.key.endswith("/meta")]
 
 
 def bgp_status_lines(state_dir: str) -> list[str]:
@@ -59,17 +42,13 @@ def bgp_status_lines(state_dir: str) -> list[str]:
 
 
 def cmd_node_show(ctx: Context) -> int:
-    config = read_config(ctx.store)
-    counts: dict[str, int] = {}
-    peers: dict[str, list[str]] = {}
-    for kv in ctx.store.list(keys.HOSTS):
-        name = keys.host_of_endpoint_key(kv.key)
-        if "/endpoints/" in kv.key:
-            counts[name] = counts.get(name, 0) + 1
-        elif "/peers/" in kv.key:
-            peer = Peer.from_json(kv.value)
-            peers.setdefault(name, []).append(f"{peer.ip} as {peer.as_num}")
-    listed = sorted(hosts(ctx.store), key=lambda h: h.name)
+    config = records.bgp_config(ctx.store)
+    counts = records.host_counts(ctx.store)
+    peers = {
+        name: [f"{p.ip} as {p.as_num}" for p in found]
+        for name, found in records.node_peers(ctx.store).items()
+    }
+    listed = sorted(records.hosts(ctx.store), key=lambda h: h.name)
     if ctx.args.json:
         emit_json(
             [
@@ -98,21 +77,21 @@ def cmd_node_show(ctx: Context) -> int:
 def cmd_node_mesh(ctx: Context) -> int:
     value = ctx.args.value
     if value is None:
-        print("on" if read_config(ctx.store).node_mesh else "off")
+        print("on" if records.bgp_config(ctx.store).node_mesh else "off")
         return 0
     if value not in ("on", "off"):
         raise InvalidRequest("node-mesh takes 'on' or 'off'")
-    update_config(ctx.store, lambda c: BgpConfig(value == "on", c.as_num))
+    update_bgp_config(ctx.store, lambda c: BgpConfig(value == "on", c.as_num))
     print(f"Node-to-node mesh turned {value}")
     return 0
 
 
 def cmd_default_as(ctx: Context) -> int:
     if ctx.args.value is None:
-        print(read_config(ctx.store).as_num)
+        print(records.bgp_config(ctx.store).as_num)
         return 0
     number = check_as(ctx.args.value)
-    update_config(ctx.store, lambda c: BgpConfig(c.node_mesh, number))
+    update_bgp_config(ctx.store, lambda c: BgpConfig(c.node_mesh, number))
     print(f"Default node AS number set to {number}")
     return 0
 
@@ -128,7 +107,7 @@ def cmd_peer_add(ctx: Context) -> int:
         raise InvalidRequest("usage: peer add <PEER_IP> as <AS_NUM>")
     peer = Peer.parse(ctx.args.ip, ctx.args.as_num)
     if ctx.args.scope == "node" and not any(
-        h.name == ctx.config.hostname for h in hosts(ctx.store)
+        h.name == ctx.config.hostname for h in records.hosts(ctx.store)
     ):
         raise NotFound(f"host {ctx.config.hostname} is not registered (run its node first)")
     ctx.store.put(_peer_key(ctx, peer.ip), peer.to_json())
@@ -147,12 +126,12 @@ def cmd_peer_remove(ctx: Context) -> int:
 
 
 def cmd_peer_show(ctx: Context) -> int:
-    prefix = (
-        keys.GLOBAL_PEERS
+    found = (
+        records.global_peers(ctx.store)
         if ctx.args.scope == "global"
-        else keys.node_peers_prefix(ctx.config.hostname)
+        else records.node_peers(ctx.store, ctx.config.hostname).get(ctx.config.hostname, [])
     )
-    peers = sorted((Peer.from_json(kv.value) for kv in ctx.store.list(prefix)), key=lambda p: p.ip)
+    peers = sorted(found, key=lambda p: p.ip)
     if ctx.args.json:
         emit_json([{"ip": p.ip, "as_num": p.as_num} for p in peers])
         return 0
@@ -163,13 +142,12 @@ def cmd_peer_show(ctx: Context) -> int:
 
 def cmd_node_remove(ctx: Context) -> int:
     from calicnm.ipam import Allocator
-    from calicnm.model import Endpoint
 
     name = ctx.config.hostname
     store = ctx.store
     if store.get(keys.host_meta(name)) is None:
         raise NotFound(f"host {name} is not registered")
-    endpoints = [Endpoint.from_json(kv.value) for kv in store.list(keys.endpoints_prefix(name))]
+    endpoints = records.endpoints(store, name)
     if endpoints and not ctx.args.remove_endpoints:
         raise InvalidRequest(
             f"host {name} still has {len(endpoints)} endpoint(s); pass --remove-endpoints "
@@ -180,8 +158,8 @@ def cmd_node_remove(ctx: Context) -> int:
         for ip in ep.ipv4:
             ipam.release(ip)
         store.delete(keys.endpoint(name, ep.id))
-    for kv in store.list(keys.node_peers_prefix(name)):
-        store.delete(kv.key)
+    for peer in records.node_peers(store, name).get(name, []):
+        store.delete(keys.node_peer(name, peer.ip))
     deleted, kept = ipam.release_affinity(name)
     store.delete(keys.host_meta(name))
     print(
@@ -192,8 +170,8 @@ def cmd_node_remove(ctx: Context) -> int:
 
 
 def cmd_route_reflector_run(ctx: Context) -> int:
-    from calicnm import reflector
-    from calicnm.services import setup_logging
+    from calicnm.routing import reflector
+    from calicnm.wiring import setup_logging
 
     setup_logging(ctx.config.log_level)
     ip = str(Peer.parse(ctx.args.ip, str(DEFAULT_AS)).ip)

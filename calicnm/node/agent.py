@@ -20,22 +20,21 @@ starts with its policy already enforced.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from calicnm import keys
-from calicnm.bgp import BgpConfig, Peer
-from calicnm.datastore import KV, Store
 from calicnm.errors import CalicnmError
-from calicnm.model import Endpoint, Host, IPv4Network, Network, Pool, effective_profiles
-from calicnm.policy import Profile
-from calicnm.profiles import Dataplane, LocalEndpoint, compile_dataplane, tag_members
+from calicnm.host.markers import Markers
+from calicnm.model import (
+    effective_profiles,
+)
+from calicnm.profiles import CompiledPolicy, LocalEndpoint, compile_policy, tag_members
+from calicnm.store import keys
+from calicnm.store.kv import Store
+from calicnm.store.records import Snapshot, read_snapshot
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,107 +47,9 @@ class Routes(Protocol):
 
 
 class Applier(Protocol):
-    """What the agent needs from ``dataplane.PolicyDataplane``."""
+    """What the agent needs from ``dataplane.PolicyApplier``."""
 
-    def apply(self, desired: Dataplane, full: bool = False) -> object: ...
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything the host's kernel and BGP state derive from, read in one pass."""
-
-    profiles: dict[str, Profile | None]
-    networks: dict[str, Network]
-    endpoints: list[Endpoint]
-    hosts: list[Host] = field(default_factory=list)
-    pools: list[Pool] = field(default_factory=list)
-    affinity: dict[str, list[IPv4Network]] = field(default_factory=dict)
-    bgp: BgpConfig = field(default_factory=BgpConfig)
-    global_peers: list[Peer] = field(default_factory=list)
-    node_peers: dict[str, list[Peer]] = field(default_factory=dict)
-
-
-def _parse(kv: KV, parse: Callable[[str], T], what: str) -> T | None:
-    try:
-        return parse(kv.value)
-    except CalicnmError as exc:
-        _log.error("%s record %s is unreadable: %s", what, kv.key, exc)
-        return None
-
-
-def read_snapshot(store: Store) -> Snapshot:
-    profiles: dict[str, Profile | None] = {}
-    for kv in store.list(keys.PROFILES):
-        name = keys.last_segment(kv.key)
-        try:
-            profiles[name] = Profile.from_json(kv.value, name)
-        except CalicnmError as exc:
-            _log.error("profile %s is unreadable; its chains drop everything: %s", name, exc)
-            profiles[name] = None
-    networks = {}
-    for kv in store.list(keys.NETWORKS):
-        try:
-            network = Network.from_json(kv.value)
-        except CalicnmError as exc:
-            _log.error("network record %s is unreadable: %s", kv.key, exc)
-            continue
-        networks[network.id] = network
-    endpoints: list[Endpoint] = []
-    hosts: list[Host] = []
-    node_peers: dict[str, list[Peer]] = {}
-    for kv in store.list(keys.HOSTS):
-        if "/endpoints/" in kv.key:
-            if (ep := _parse(kv, Endpoint.from_json, "endpoint")) is not None:
-                endpoints.append(ep)
-        elif kv.key.endswith("/meta"):
-            if (host := _parse(kv, Host.from_json, "host")) is not None:
-                hosts.append(host)
-        elif "/peers/" in kv.key and (peer := _parse(kv, Peer.from_json, "peer")) is not None:
-            node_peers.setdefault(keys.host_of_endpoint_key(kv.key), []).append(peer)
-    pools = [pool for kv in store.list(keys.POOLS) if (pool := _parse(kv, Pool.from_json, "pool"))]
-    affinity: dict[str, list[IPv4Network]] = {}
-    for kv in store.list(keys.AFFINITY):
-        owner, _, cidr = kv.key[len(keys.AFFINITY) :].partition("/")
-        affinity.setdefault(owner, []).append(keys.parse_cidr(cidr))
-    bgp_kv = store.get(keys.BGP_CONFIG)
-    bgp = _parse(bgp_kv, BgpConfig.from_json, "BGP config") if bgp_kv else None
-    global_peers = [
-        gp for kv in store.list(keys.GLOBAL_PEERS) if (gp := _parse(kv, Peer.from_json, "peer"))
-    ]
-    return Snapshot(
-        profiles,
-        networks,
-        endpoints,
-        hosts,
-        pools,
-        affinity,
-        bgp or BgpConfig(),
-        global_peers,
-        node_peers,
-    )
-
-
-class Markers:
-    """Files ``<dir>/<endpoint id>`` meaning "programmed"; read by Join."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-
-    def path(self, endpoint_id: str) -> str:
-        return os.path.join(self.directory, endpoint_id)
-
-    def is_set(self, endpoint_id: str) -> bool:
-        return os.path.exists(self.path(endpoint_id))
-
-    def sync(self, programmed: set[str]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        present = set(os.listdir(self.directory))
-        for eid in programmed - present:
-            with open(self.path(eid), "w"):
-                pass
-        for eid in present - programmed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(eid))
+    def apply(self, desired: CompiledPolicy, full: bool = False) -> object: ...
 
 
 class Agent:
@@ -211,7 +112,7 @@ class Agent:
         ]
         used = {name for ep in compiled for name in ep.profiles}
         profiles = {name: snapshot.profiles.get(name) for name in used}
-        desired = compile_dataplane(profiles, compiled, members, snapshot.pools)
+        desired = compile_policy(profiles, compiled, members, snapshot.pools)
         self._dataplane.apply(desired, full=full)
 
         programmed = set()

@@ -1,4 +1,4 @@
-"""Applying a compiled ``profiles.Dataplane`` to the kernel: the one writer
+"""Applying a compiled ``profiles.CompiledPolicy`` to the kernel: the one writer
 of calicnm's chains and ipsets on a host.
 
 Order within one apply: ipsets first (a rule may not name a set that does
@@ -26,9 +26,15 @@ import logging
 from dataclasses import dataclass
 
 from calicnm.errors import DataplaneError
-from calicnm.ipsets import Ipsets
-from calicnm.iptables import Iptables, jump_fixups
-from calicnm.profiles import PREFIX, TABLE_JUMPS, Dataplane, temp_ipset
+from calicnm.host.ipsets import Ipsets
+from calicnm.host.iptables import (
+    Iptables,
+    jump_fixups,
+    jump_removals,
+    kernel_chains,
+    restore_script,
+)
+from calicnm.profiles import PREFIX, TABLE_JUMPS, CompiledPolicy, temp_ipset
 
 _log = logging.getLogger(__name__)
 
@@ -43,26 +49,14 @@ class ApplyStats:
     sets_deleted: int
 
 
-def kernel_chains(saved: str) -> set[str]:
-    """Names of calicnm chains in ``iptables-save`` output."""
-    return {line[1:].split()[0] for line in saved.splitlines() if line.startswith(f":{PREFIX}")}
-
-
-def jump_removals(saved: str, parent: str, chain: str) -> list[str]:
-    """Lines that delete every one of our ``-j chain`` jumps from ``parent``."""
-    rule = f"-A {parent} -j {chain}"
-    count = sum(1 for line in saved.splitlines() if line.strip() == rule)
-    return [f"-D {parent} -j {chain}"] * count
-
-
-class PolicyDataplane:
+class PolicyApplier:
     def __init__(self, iptables: Iptables, ipsets: Ipsets) -> None:
         self._iptables = iptables
         self._ipsets = ipsets
         self._chains: dict[str, Chains] | None = None  # table -> chains
         self._sets: dict[str, tuple[str, frozenset[str]]] | None = None  # name -> (type, members)
 
-    def apply(self, desired: Dataplane, full: bool = False) -> ApplyStats:
+    def apply(self, desired: CompiledPolicy, full: bool = False) -> ApplyStats:
         try:
             return self._apply(desired, full or self._chains is None)
         except Exception:
@@ -70,7 +64,7 @@ class PolicyDataplane:
             self._sets = None
             raise
 
-    def _apply(self, desired: Dataplane, full: bool) -> ApplyStats:
+    def _apply(self, desired: CompiledPolicy, full: bool) -> ApplyStats:
         wanted = {n: (desired.ipset_type(n), m) for n, m in desired.ipsets.items()}
         old_sets = {} if full or self._sets is None else self._sets
         sets = {
@@ -134,15 +128,8 @@ class PolicyDataplane:
         stale = sorted(present - set(chains))
         if not (changed or fixups or stale):
             return [], 0, 0
-        lines = [f"*{table}"]
-        lines += [f":{name} - [0:0]" for name in changed]
-        lines += [f":{name} - [0:0]" for name in stale]
-        for name, rules in changed.items():
-            lines += [f"-A {name} {rule}" for rule in rules]
-        lines += fixups
-        lines += [f"-X {name}" for name in stale]
-        lines.append("COMMIT")
-        return lines, len(changed), len(stale)
+        script = restore_script(table, changed, fixups, stale)
+        return script.splitlines(), len(changed), len(stale)
 
     def _save(self, table: str, chains: Chains) -> str:
         """``iptables-save -t table``; a table we want nothing in and that

@@ -22,68 +22,12 @@ its own (``render_route_reflector``) with every host as an ``rr client``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from calicnm.errors import InvalidRequest
-from calicnm.model import Host, IPv4Address, IPv4Network, Pool, parse_address
-
-DEFAULT_AS = 64511
-"""Calico's default AS for every node that has none of its own."""
-
-
-def check_as(value: object) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise InvalidRequest(f"AS number {value!r} is not a number") from None
-    if not 1 <= number <= 4294967295:
-        raise InvalidRequest(f"AS number {number} is outside 1-4294967295")
-    return number
-
-
-@dataclass(frozen=True)
-class BgpConfig:
-    """Global settings: ``/calicnm/v1/bgp/config``."""
-
-    node_mesh: bool = True
-    as_num: int = DEFAULT_AS
-
-    def to_json(self) -> str:
-        return json.dumps({"node_mesh": self.node_mesh, "as_num": self.as_num}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str | bytes | None) -> BgpConfig:
-        if not raw:
-            return cls()
-        try:
-            data = json.loads(raw)
-            return cls(bool(data.get("node_mesh", True)), check_as(data.get("as_num", DEFAULT_AS)))
-        except (ValueError, AttributeError) as exc:
-            raise InvalidRequest(f"stored BGP config is malformed: {raw!r:.80}") from exc
-
-
-@dataclass(frozen=True)
-class Peer:
-    ip: str
-    as_num: int
-
-    def to_json(self) -> str:
-        return json.dumps({"ip": self.ip, "as_num": self.as_num}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> Peer:
-        try:
-            data = json.loads(raw)
-            return cls(str(parse_address(str(data["ip"]))), check_as(data["as_num"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidRequest(f"stored BGP peer is malformed: {raw!r:.80}") from exc
-
-    @classmethod
-    def parse(cls, ip: str, as_num: str) -> Peer:
-        return cls(str(parse_address(ip, "peer address")), check_as(as_num))
+from calicnm.model import BgpConfig, Host, IPv4Address, IPv4Network, Peer, Pool
 
 
 @dataclass(frozen=True)
@@ -110,7 +54,7 @@ def protocol_name(kind: str, ip: str) -> str:
 def routed_pools(pools: Iterable[Pool]) -> list[Pool]:
     """Pools whose blocks BGP carries (encapsulated pools are routed by the
     agent over their tunnel instead)."""
-    return [p for p in pools if not p.vxlan]
+    return [p for p in pools if not (p.vxlan or p.ipip)]
 
 
 def _bgp_protocol(kind: str, peer_ip: str, peer_as: int, extra: str = "") -> list[str]:

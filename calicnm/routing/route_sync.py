@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import logging
 
-from calicnm.agent import Snapshot
-from calicnm.bgp import BirdInput, render_bird, routed_pools
-from calicnm.bird import Bird
-from calicnm.encap import (
+from calicnm.host.netlink import (
+    delete_link,
+    ensure_vxlan,
+    host_addresses,
+    kernel_supports,
+    link_mtu,
+    sync_tunnel,
+)
+from calicnm.model import Host
+from calicnm.routing.bgp import BirdInput, render_bird, routed_pools
+from calicnm.routing.bird import Bird
+from calicnm.routing.encap import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
     VXLAN_OVERHEAD,
@@ -24,15 +32,7 @@ from calicnm.encap import (
     vtep_mac,
     vtep_peers,
 )
-from calicnm.model import Host
-from calicnm.plumbing import (
-    delete_link,
-    ensure_vxlan,
-    host_addresses,
-    kernel_supports,
-    link_mtu,
-    sync_tunnel,
-)
+from calicnm.store.records import Snapshot
 
 _log = logging.getLogger(__name__)
 

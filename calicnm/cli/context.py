@@ -9,10 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from calicnm.config import Config
-from calicnm.datastore import EtcdStore
 from calicnm.ipam import Allocator
 from calicnm.model import Network
-from calicnm.services import build_store
+from calicnm.store.etcd import EtcdStore
+from calicnm.wiring import build_store
 
 
 class Context:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from calicnm.agent import Markers
 from calicnm.config import Config
-from calicnm.datastore import EtcdStore, EtcdTLS, parse_endpoints
 from calicnm.driver import Driver
+from calicnm.host.markers import Markers
+from calicnm.host.netlink import HostPlumbing
 from calicnm.ipam import Allocator
-from calicnm.plumbing import HostPlumbing
+from calicnm.store.etcd import EtcdStore, EtcdTLS, parse_endpoints
 
 EMBEDDED_ETCD_URL = "http://127.0.0.1:2379"
 """Where the node's embedded etcd listens; the default for every client."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from calicnm.endpoint import LinkPlan
 from calicnm.errors import DataplaneError
+from calicnm.host.sysctl import write_sysctl
 
 _log = logging.getLogger(__name__)
 
@@ -41,25 +42,6 @@ PER_INTERFACE_SYSCTLS = (
     # The host side needs no IPv6 link-local address of its own.
     ("net/ipv6/conf/{}/disable_ipv6", "1"),
 )
-
-
-def write_sysctl(path: str, value: str, proc: str = "/proc/sys") -> None:
-    """Write one sysctl of the calling thread's network namespace."""
-    full = os.path.join(proc, path)
-    try:
-        with open(full, "w") as fh:
-            fh.write(value)
-    except FileNotFoundError:
-        if "/ipv6/" in path:
-            return  # IPv6 disabled on this host: nothing to turn off.
-        raise DataplaneError(f"sysctl {path} does not exist") from None
-    except OSError as exc:
-        raise DataplaneError(f"cannot set sysctl {path}={value}: {exc.strerror}") from exc
-
-
-def read_sysctl(path: str, proc: str = "/proc/sys") -> str:
-    with open(os.path.join(proc, path)) as fh:
-        return fh.read().strip()
 
 
 @contextmanager

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from calicnm import keys
-from calicnm.datastore import Store, replace
 from calicnm.model import Network
-from calicnm.policy_store import ensure_profile
+from calicnm.store import keys, records
+from calicnm.store.edits import ensure_profile
+from calicnm.store.kv import Store, replace
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class NetworkNamer:
         """One pass over unnamed networks; True while some recent one is still
         unnamed (come back soon).  Never raises for Docker being unreachable."""
         if networks is None:
-            networks = [Network.from_json(kv.value) for kv in self._store.list(keys.NETWORKS)]
+            networks = list(records.networks(self._store).values())
         now = self._clock()
         eager = False
         for network in networks:
@@ -129,7 +129,7 @@ class NetworkNamer:
         kv = self._store.get(keys.network(network.id))
         if kv is None:
             return
-        current = Network.from_json(kv.value)
+        current = records.decode_network(kv)
         updated = dataclasses.replace(current, docker_name=name)
         if replace(self._store, kv.key, updated.to_json(), kv.revision):
             _log.info("network named network=%s name=%s", network.id[:12], name)

@@ -1,12 +1,11 @@
-"""Profiles and endpoint profile lists in the datastore; no printing.
+"""Edits of stored records: profiles, endpoint records and BGP settings.
 
-One profile is one key (``keys.profile(name)``) holding ``Profile.to_json()``;
-an endpoint's explicit profile list lives in its own endpoint record.  Every
-read-modify-write here is a compare-and-swap on the key's revision that
-re-reads and re-applies the change on conflict, so concurrent editors never
-lose each other's changes; after ``CAS_RETRIES`` conflicts it gives up with
-``DatastoreConflict`` having written nothing.  A ``change`` callback may raise
-(a ``CalicnmError``) to refuse an edit: nothing is written then either.
+Every read-modify-write here goes through ``kv.update`` (a compare-and-swap
+on the key's revision, re-read and re-applied on conflict, at most
+``kv.CAS_RETRIES`` times), so concurrent editors (two operators, a Join and
+a ``profile set``) never lose each other's changes.  A ``change`` callback
+may raise a ``CalicnmError`` to refuse an edit: nothing is written then.
+Reads and decodes go through ``records``; nothing here prints.
 """
 
 from __future__ import annotations
@@ -14,29 +13,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from calicnm import keys
-from calicnm.datastore import KV, Store, create, replace
-from calicnm.errors import DatastoreConflict, InvalidRequest, NotFound
-from calicnm.model import Endpoint, Network, effective_profiles
-from calicnm.policy import Profile, check_name
+from calicnm.errors import InvalidRequest, NotFound
+from calicnm.model import BgpConfig, Endpoint, effective_profiles
+from calicnm.policy import Profile
+from calicnm.store import keys, records
+from calicnm.store.kv import KV, Store, create, update
+from calicnm.validation import check_name
 
-CAS_RETRIES = 20
 MIN_ID_PREFIX = 12
 """An endpoint may be named by a unique prefix of its id this long or longer
 (what ``calicnm endpoint show`` prints)."""
 
 
-def _decode(kv: KV) -> Profile:
-    """The stored profile; the key, not the stored ``id``, names it."""
-    try:
-        return Profile.from_json(kv.value, keys.last_segment(kv.key))
-    except InvalidRequest as exc:
-        raise InvalidRequest(f"stored profile {kv.key} is unreadable: {exc}") from exc
-
-
-def list_profiles(store: Store) -> list[Profile]:
-    """Every profile, sorted by name."""
-    return sorted((_decode(kv) for kv in store.list(keys.PROFILES)), key=lambda p: p.name)
+# ---- profiles ------------------------------------------------------------------
 
 
 def get_profile(store: Store, name: str) -> Profile:
@@ -44,7 +33,7 @@ def get_profile(store: Store, name: str) -> Profile:
     kv = store.get(keys.profile(check_name(name, "profile name")))
     if kv is None:
         raise NotFound(f"Profile {name} not found.")
-    return _decode(kv)
+    return records.decode_profile(kv)
 
 
 def profile_exists(store: Store, name: str) -> bool:
@@ -77,33 +66,23 @@ def update_profile(store: Store, name: str, change: Callable[[Profile], Profile]
     Returns the profile as written (no write when ``change`` changes nothing).
     NotFound if the profile is absent (or is deleted meanwhile)."""
     key = keys.profile(check_name(name, "profile name"))
-    for _ in range(CAS_RETRIES):
-        kv = store.get(key)
+    written: list[Profile] = []
+
+    def edit(kv: KV | None) -> str | None:
         if kv is None:
             raise NotFound(f"Profile {name} not found.")
-        current = _decode(kv)
+        current = records.decode_profile(kv)
         updated = change(current)
         if updated.name != name:
             raise InvalidRequest(f"cannot rename profile {name} to {updated.name}")
-        if updated == current:
-            return current
-        if replace(store, key, updated.to_json(), kv.revision):
-            return updated
-    raise DatastoreConflict(f"profile {name} kept changing; gave up after {CAS_RETRIES} tries")
+        written[:] = [updated]
+        return None if updated == current else updated.to_json()
+
+    update(store, key, edit, f"profile {name}")
+    return written[0]
 
 
-# ---- endpoints ---------------------------------------------------------------
-
-
-def _endpoint_kvs(store: Store, host: str | None = None) -> list[KV]:
-    prefix = keys.endpoints_prefix(host) if host else keys.HOSTS
-    return [kv for kv in store.list(prefix) if "/endpoints/" in kv.key]
-
-
-def networks(store: Store) -> dict[str, Network]:
-    """Every network record by id."""
-    found = (Network.from_json(kv.value) for kv in store.list(keys.NETWORKS))
-    return {n.id: n for n in found}
+# ---- endpoints -----------------------------------------------------------------
 
 
 def find_endpoint(store: Store, endpoint_id: str, host: str | None = None) -> tuple[KV, Endpoint]:
@@ -117,9 +96,11 @@ def find_endpoint(store: Store, endpoint_id: str, host: str | None = None) -> tu
     if host is not None and (not host or "/" in host):
         raise InvalidRequest(f"{host!r} is not a host name")
     candidates = [
-        kv for kv in _endpoint_kvs(store, host) if keys.last_segment(kv.key).startswith(endpoint_id)
+        (parts, kv)
+        for parts, kv in records.endpoint_kvs(store, host)
+        if parts.name.startswith(endpoint_id)
     ]
-    exact = [kv for kv in candidates if keys.last_segment(kv.key) == endpoint_id]
+    exact = [(parts, kv) for parts, kv in candidates if parts.name == endpoint_id]
     if exact:
         candidates = exact
     elif len(endpoint_id) < MIN_ID_PREFIX:
@@ -133,15 +114,33 @@ def find_endpoint(store: Store, endpoint_id: str, host: str | None = None) -> tu
         raise NotFound(f"Endpoint {endpoint_id} not found{where}{hint}.")
     if len(candidates) > 1:
         found = ", ".join(
-            f"{keys.last_segment(kv.key)[:MIN_ID_PREFIX]} on {keys.host_of_endpoint_key(kv.key)}"
-            for kv in candidates
+            f"{parts.name[:MIN_ID_PREFIX]} on {parts.host}" for parts, _kv in candidates
         )
         raise InvalidRequest(
             f"endpoint id {endpoint_id} is ambiguous: it matches {found}; "
             "give more of the id or --host"
         )
-    kv = candidates[0]
-    return kv, Endpoint.from_json(kv.value)
+    kv = candidates[0][1]
+    return kv, records.decode_endpoint(kv)
+
+
+def update_endpoint(
+    store: Store, key: str, change: Callable[[Endpoint], Endpoint], what: str
+) -> Endpoint:
+    """Compare-and-swap the endpoint record at ``key`` to ``change(current)``;
+    NotFound once it is gone.  Returns the endpoint as it is afterwards."""
+    result: list[Endpoint] = []
+
+    def edit(kv: KV | None) -> str | None:
+        if kv is None:
+            raise NotFound(f"{what} was removed meanwhile.")
+        current = records.decode_endpoint(kv)
+        updated = change(current)
+        result[:] = [updated]
+        return None if updated == current else updated.to_json()
+
+    update(store, key, edit, what)
+    return result[0]
 
 
 def update_endpoint_profiles(
@@ -158,36 +157,41 @@ def update_endpoint_profiles(
     traffic.  Profile names are validated, not looked up: the caller decides
     whether a name must exist.  Returns the endpoint as written."""
     kv, _ = find_endpoint(store, endpoint_id, host)
-    for _ in range(CAS_RETRIES):
-        current = store.get(kv.key)
-        if current is None:
-            raise NotFound(f"Endpoint {endpoint_id} was removed meanwhile.")
-        endpoint = Endpoint.from_json(current.value)
-        network_kv = store.get(keys.network(endpoint.network_id))
-        network = Network.from_json(network_kv.value) if network_kv else None
+
+    def edit(endpoint: Endpoint) -> Endpoint:
+        network = records.network(store, endpoint.network_id)
         wanted = tuple(change(effective_profiles(endpoint, network)))
         for name in wanted:
             check_name(name, "profile name")
-        if endpoint.profiles == wanted:
-            return endpoint
-        updated = dataclasses.replace(endpoint, profiles=wanted)
-        if replace(store, kv.key, updated.to_json(), current.revision):
-            return updated
-    raise DatastoreConflict(
-        f"endpoint {endpoint_id} kept changing; gave up after {CAS_RETRIES} tries"
-    )
+        return dataclasses.replace(endpoint, profiles=wanted)
+
+    return update_endpoint(store, kv.key, edit, f"Endpoint {endpoint_id}")
 
 
 def memberships(store: Store) -> list[tuple[Endpoint, tuple[str, ...]]]:
     """Every endpoint with its effective profiles (networks read once)."""
-    nets = networks(store)
-    result = []
-    for kv in _endpoint_kvs(store):
-        endpoint = Endpoint.from_json(kv.value)
-        result.append((endpoint, effective_profiles(endpoint, nets.get(endpoint.network_id))))
-    return result
+    nets = records.networks(store)
+    return [
+        (ep, effective_profiles(ep, nets.get(ep.network_id))) for ep in records.endpoints(store)
+    ]
 
 
 def profile_members(store: Store, name: str) -> list[Endpoint]:
     """The endpoints, on every host, whose effective profiles include ``name``."""
     return [ep for ep, names in memberships(store) if name in names]
+
+
+# ---- BGP -----------------------------------------------------------------------
+
+
+def update_bgp_config(store: Store, change: Callable[[BgpConfig], BgpConfig]) -> BgpConfig:
+    """Compare-and-swap the global BGP settings to ``change(current)``."""
+    result: list[BgpConfig] = []
+
+    def edit(kv: KV | None) -> str | None:
+        new = change(records.decode_bgp_config(kv))
+        result[:] = [new]
+        return new.to_json()
+
+    update(store, keys.BGP_CONFIG, edit, "BGP configuration")
+    return result[0]

@@ -29,27 +29,30 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from calicnm import keys
-from calicnm.agent import Agent, Markers, Snapshot
-from calicnm.bird import Bird
-from calicnm.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.config import Config
-from calicnm.dataplane import PolicyDataplane
-from calicnm.datastore import EtcdStore
-from calicnm.docker_names import DockerAPI, NetworkNamer
 from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
-from calicnm.hostnet import check_kernel_settings, ensure_forwarding
+from calicnm.host.ipsets import Ipsets
+from calicnm.host.iptables import Iptables
+from calicnm.host.markers import Markers
+from calicnm.host.netlink import HostPlumbing, host_addresses
+from calicnm.host.policy_applier import PolicyApplier
+from calicnm.host.sysctl import check_kernel_settings, ensure_forwarding
 from calicnm.ipam import Allocator
-from calicnm.ipsets import Ipsets
-from calicnm.iptables import Iptables
 from calicnm.model import Host
-from calicnm.plumbing import HostPlumbing, host_addresses
-from calicnm.routing import BgpSync, EncapSync
-from calicnm.services import EMBEDDED_ETCD_URL, build_store
+from calicnm.node.agent import Agent
+from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
+from calicnm.node.network_names import DockerAPI, NetworkNamer
+from calicnm.routing.bird import Bird
+from calicnm.routing.route_sync import BgpSync, EncapSync
+from calicnm.store import keys, records
+from calicnm.store.etcd import EtcdStore
+from calicnm.store.records import Snapshot
+from calicnm.wiring import EMBEDDED_ETCD_URL, build_store
 
 _log = logging.getLogger(__name__)
 
-RESYNC_SECONDS = 10.0
+HOST_RECORD_REFRESH_SECONDS = 10.0
+"""How often the node re-writes its host record (its address may change)."""
 CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
 
@@ -69,10 +72,7 @@ def detect_ip(addresses: list[tuple[str, str]]) -> str | None:
 
 def register_host(store: EtcdStore, host: Host) -> None:
     """Write this host's record; refuse an address another host claims."""
-    for kv in store.list(keys.HOSTS):
-        if not kv.key.endswith("/meta"):
-            continue
-        other = Host.from_json(kv.value)
+    for other in records.hosts(store):
         if other.name != host.name and host.ip and other.ip == host.ip:
             raise Conflict(
                 f"address {host.ip} is already registered by host {other.name}; "
@@ -142,7 +142,7 @@ class Node:
         self._agent = Agent(
             store,
             config.hostname,
-            PolicyDataplane(Iptables(), Ipsets()),
+            PolicyApplier(Iptables(), Ipsets()),
             HostPlumbing(),
             Markers(config.marker_dir),
             resync=config.resync_seconds,
@@ -182,11 +182,11 @@ class Node:
         _log.info("plugin listening socket=%s", path)
 
     def _loop(self) -> None:
-        next_resync = time.monotonic() + RESYNC_SECONDS
+        next_refresh = time.monotonic() + HOST_RECORD_REFRESH_SECONDS
         while not self._stop.wait(CHILD_POLL_SECONDS):
             try:
-                if time.monotonic() >= next_resync:
-                    next_resync = time.monotonic() + RESYNC_SECONDS
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + HOST_RECORD_REFRESH_SECONDS
                     if self._store is not None:
                         host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
                         register_host(self._store, host)
@@ -206,8 +206,8 @@ class Node:
     def _host_ip(self) -> str | None:
         if self._store is None:
             return self.config.ip
-        kv = self._store.get(keys.host_meta(self.config.hostname))
-        return Host.from_json(kv.value).ip if kv else self.config.ip
+        me = records.host(self._store, self.config.hostname)
+        return me.ip if me else self.config.ip
 
     def _shutdown(self) -> None:
         self._stop.set()

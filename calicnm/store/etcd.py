@@ -1,12 +1,7 @@
-"""The datastore boundary: a small key-value protocol and its etcd adapter.
+"""etcd behind the ``Store`` protocol: the only module that imports
+python-etcd3 (and grpc).
 
-``Store`` is what the rest of calicnm sees: string keys, string values and
-the etcd ``mod_revision`` of each value, plus one atomic ``commit`` that
-compares revisions and applies puts and deletes together.  Compare-and-swap
-everywhere is built on ``commit``.
-
-``EtcdStore`` is the only module that imports python-etcd3 (and grpc).  It
-translates every failure into calicnm errors: an unreachable cluster is
+Every failure is translated into calicnm errors: an unreachable cluster is
 ``DatastoreUnavailable``; nothing else leaks a grpc or etcd3 exception.
 With several endpoints it fails over to the next one when a call cannot
 reach the current one, so a single dead member does not stop the host.
@@ -17,62 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest
+from calicnm.store.kv import ABSENT, KV, Txn
 
 _log = logging.getLogger(__name__)
-
-ABSENT = 0
-"""Revision to compare against in ``Txn.compare`` for "key must not exist"."""
-
-
-class KV(NamedTuple):
-    key: str
-    value: str
-    revision: int
-
-
-@dataclass
-class Txn:
-    """An all-or-nothing change: applied only if every compared key is still
-    at its revision (``ABSENT`` meaning it must not exist)."""
-
-    compare: list[tuple[str, int]] = field(default_factory=list)
-    puts: list[tuple[str, str]] = field(default_factory=list)
-    deletes: list[str] = field(default_factory=list)
-
-
-class Store(Protocol):
-    def get(self, key: str) -> KV | None: ...
-
-    def list(self, prefix: str) -> list[KV]: ...
-
-    def put(self, key: str, value: str) -> None: ...
-
-    def delete(self, key: str) -> bool: ...
-
-    def commit(self, txn: Txn) -> int:
-        """Apply ``txn`` if its compares hold: the new revision, else 0."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def create(store: Store, key: str, value: str) -> bool:
-    """Write ``key`` only if it does not exist."""
-    return store.commit(Txn(compare=[(key, ABSENT)], puts=[(key, value)])) != 0
-
-
-def replace(store: Store, key: str, value: str, revision: int) -> bool:
-    """Write ``key`` only if it is still at ``revision`` (ABSENT: create)."""
-    return store.commit(Txn(compare=[(key, revision)], puts=[(key, value)])) != 0
-
-
-def delete_if(store: Store, key: str, revision: int) -> bool:
-    return store.commit(Txn(compare=[(key, revision)], deletes=[key])) != 0
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import tarfile
 import time
 from collections.abc import Callable
 
-from calicnm import keys
 from calicnm.config import Config
-from calicnm.datastore import Store
+from calicnm.store import keys
+from calicnm.store.kv import Store
 
 COMMANDS = {
     "date.txt": ["date", "-u"],

@@ -15,12 +15,11 @@ import signal
 import threading
 from types import FrameType
 
-from calicnm import keys
-from calicnm.bgp import BgpConfig, render_route_reflector
-from calicnm.bird import Bird
-from calicnm.datastore import Store
 from calicnm.errors import CalicnmError
-from calicnm.model import Host
+from calicnm.routing.bgp import render_route_reflector
+from calicnm.routing.bird import Bird
+from calicnm.store import records
+from calicnm.store.kv import Store
 
 _log = logging.getLogger(__name__)
 
@@ -42,13 +41,8 @@ def run(store: Store, ip: str, as_num: int | None, cluster_id: str, state_dir: s
     try:
         while not stop.is_set():
             try:
-                kv = store.get(keys.BGP_CONFIG)
-                config = BgpConfig.from_json(kv.value if kv else None)
-                hosts = [
-                    Host.from_json(kv.value)
-                    for kv in store.list(keys.HOSTS)
-                    if kv.key.endswith("/meta")
-                ]
+                config = records.bgp_config(store)
+                hosts = records.hosts(store)
                 if bird.apply(
                     render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config)
                 ):

@@ -10,12 +10,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from calicnm import keys, policy_store, table
-from calicnm.cli_common import Context, emit_json, network_label, out
-from calicnm.datastore import Store
+from calicnm.cli import table
+from calicnm.cli.context import Context, emit_json, network_label, out
 from calicnm.errors import Conflict, InvalidRequest, NotFound
 from calicnm.model import Endpoint, Network, effective_profiles
-from calicnm.policy import DIRECTIONS, Profile, Rule, check_name, parse_rule_spec
+from calicnm.policy import DIRECTIONS, Profile, Rule, parse_rule_spec
+from calicnm.store import edits, keys, records
+from calicnm.store.kv import Store
+from calicnm.validation import check_name
 
 # ---- profile -----------------------------------------------------------------
 #
@@ -141,12 +143,12 @@ def _endpoint_state(endpoint: Endpoint) -> str:
 
 def cmd_profile_show(ctx: Context) -> int:
     store = _store(ctx)
-    profiles = policy_store.list_profiles(store)
+    profiles = records.profiles(store)
     members: dict[str, list[Endpoint]] = {}
     nets: dict[str, Network] = {}
     if ctx.args.detailed:
-        nets = policy_store.networks(store)
-        for ep, names in policy_store.memberships(store):
+        nets = records.networks(store)
+        for ep, names in edits.memberships(store):
             for name in names:
                 members.setdefault(name, []).append(ep)
     if ctx.args.json:
@@ -186,7 +188,7 @@ def cmd_profile_show(ctx: Context) -> int:
 
 def cmd_profile_add(ctx: Context) -> int:
     name = check_name(ctx.args.name, "profile name")
-    if not policy_store.create_profile(_store(ctx), Profile.default(name)):
+    if not edits.create_profile(_store(ctx), Profile.default(name)):
         raise Conflict(f"Profile {name} already exists.")
     out(f"Created profile {name}")
     return 0
@@ -194,21 +196,21 @@ def cmd_profile_add(ctx: Context) -> int:
 
 def cmd_profile_remove(ctx: Context) -> int:
     store = _store(ctx)
-    name = policy_store.get_profile(store, ctx.args.name).name
+    name = edits.get_profile(store, ctx.args.name).name
     if not ctx.args.no_check:
-        users = len(policy_store.profile_members(store, name))
+        users = len(edits.profile_members(store, name))
         if users:
             raise Conflict(
                 f"Profile {name} is in use by {users} endpoint(s); take it off them "
                 f"('calicnm endpoint ID profile remove {name}') or pass --no-check"
             )
-    policy_store.delete_profile(store, name)
+    edits.delete_profile(store, name)
     out(f"Deleted profile {name}")
     return 0
 
 
 def cmd_tag_show(ctx: Context) -> int:
-    profile = policy_store.get_profile(_store(ctx), ctx.args.name)
+    profile = edits.get_profile(_store(ctx), ctx.args.name)
     if ctx.args.json:
         emit_json(list(profile.tags))
         return 0
@@ -231,19 +233,19 @@ def remove_tag(profile: Profile, tag: str) -> Profile:
 
 def cmd_tag_add(ctx: Context) -> int:
     tag = check_name(ctx.args.tag, "tag")
-    profile = policy_store.update_profile(_store(ctx), ctx.args.name, lambda p: add_tag(p, tag))
+    profile = edits.update_profile(_store(ctx), ctx.args.name, lambda p: add_tag(p, tag))
     out(f"Tag {tag} added to profile {profile.name}")
     return 0
 
 
 def cmd_tag_remove(ctx: Context) -> int:
     tag = ctx.args.tag
-    profile = policy_store.update_profile(_store(ctx), ctx.args.name, lambda p: remove_tag(p, tag))
+    profile = edits.update_profile(_store(ctx), ctx.args.name, lambda p: remove_tag(p, tag))
     out(f"Tag {tag} removed from profile {profile.name}")
     return 0
 
 
-def rule_lines(profile: Profile) -> list[str]:
+def rule_listing(profile: Profile) -> list[str]:
     """calicoctl's ``rule show``: numbered from 1, ``" %3d %s"`` each."""
     lines = ["Inbound rules:"]
     lines += [f" {i:3d} {r.pprint()}" for i, r in enumerate(profile.inbound, 1)]
@@ -317,20 +319,20 @@ def parse_rules_update(text: str, name: str) -> Profile:
 
 
 def cmd_rule_show(ctx: Context) -> int:
-    for line in rule_lines(policy_store.get_profile(_store(ctx), ctx.args.name)):
+    for line in rule_listing(edits.get_profile(_store(ctx), ctx.args.name)):
         out(line)
     return 0
 
 
 def cmd_rule_json(ctx: Context) -> int:
-    emit_json(policy_store.get_profile(_store(ctx), ctx.args.name).rules_json())
+    emit_json(edits.get_profile(_store(ctx), ctx.args.name).rules_json())
     return 0
 
 
 def cmd_rule_update(ctx: Context) -> int:
-    name = policy_store.get_profile(_store(ctx), ctx.args.name).name
+    name = edits.get_profile(_store(ctx), ctx.args.name).name
     new = parse_rules_update(sys.stdin.read(), name)
-    policy_store.update_profile(
+    edits.update_profile(
         _store(ctx),
         name,
         lambda p: dataclasses.replace(p, inbound=new.inbound, outbound=new.outbound),
@@ -352,7 +354,7 @@ def cmd_rule_add(ctx: Context) -> int:
         skipped = updated == profile
         return updated
 
-    policy_store.update_profile(_store(ctx), args.name, change)
+    edits.update_profile(_store(ctx), args.name, change)
     if skipped:
         out("Rule already present, skipping.")
     return 0
@@ -365,7 +367,7 @@ def cmd_rule_remove(ctx: Context) -> int:
     if args.at is None and not args.words:
         args.subparser.error("give --at=POSITION or the rule to remove")
     rule = parse_rule_spec(args.words) if args.words else None
-    policy_store.update_profile(
+    edits.update_profile(
         _store(ctx), args.name, lambda p: remove_rule(p, args.direction, rule, args.at)
     )
     return 0
@@ -386,14 +388,14 @@ def _profile_names(ctx: Context, required: bool) -> tuple[str, ...]:
 
 
 def _require_profiles(ctx: Context, names: tuple[str, ...]) -> None:
-    missing = [n for n in names if not policy_store.profile_exists(_store(ctx), n)]
+    missing = [n for n in names if not edits.profile_exists(_store(ctx), n)]
     if missing:
         raise NotFound(f"Profile(s) {','.join(missing)} not found.")
 
 
 def cmd_endpoint_profile_show(ctx: Context) -> int:
     store = _store(ctx)
-    _, ep = policy_store.find_endpoint(store, ctx.args.endpoint_id, ctx.args.host)
+    _, ep = edits.find_endpoint(store, ctx.args.endpoint_id, ctx.args.host)
     net_kv = store.get(keys.network(ep.network_id))
     names = effective_profiles(ep, Network.from_json(net_kv.value) if net_kv else None)
     if ctx.args.json:
@@ -422,7 +424,7 @@ def cmd_endpoint_profile_append(ctx: Context) -> int:
             raise Conflict(f"Profile(s) {','.join(present)} already on endpoint {endpoint}")
         return (*current, *names)
 
-    policy_store.update_endpoint_profiles(_store(ctx), endpoint, change, ctx.args.host)
+    edits.update_endpoint_profiles(_store(ctx), endpoint, change, ctx.args.host)
     out(f"Profile(s) {','.join(names)} appended.")
     return 0
 
@@ -437,7 +439,7 @@ def cmd_endpoint_profile_remove(ctx: Context) -> int:
             raise NotFound(f"Profile(s) {','.join(absent)} not on endpoint {endpoint}")
         return tuple(n for n in current if n not in names)
 
-    policy_store.update_endpoint_profiles(_store(ctx), endpoint, change, ctx.args.host)
+    edits.update_endpoint_profiles(_store(ctx), endpoint, change, ctx.args.host)
     out(f"Profile(s) {','.join(names)} removed.")
     return 0
 
@@ -445,7 +447,7 @@ def cmd_endpoint_profile_remove(ctx: Context) -> int:
 def cmd_endpoint_profile_set(ctx: Context) -> int:
     names = _profile_names(ctx, required=False)
     _require_profiles(ctx, names)
-    policy_store.update_endpoint_profiles(
+    edits.update_endpoint_profiles(
         _store(ctx), ctx.args.endpoint_id, lambda _: names, ctx.args.host
     )
     # An empty list is allowed: it denies all of the endpoint's traffic.

@@ -15,8 +15,10 @@ nothing else except the single jump rules it inserts into kernel chains.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from calicnm.errors import DataplaneError
@@ -25,6 +27,9 @@ _log = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "calicnm-"
 MAX_CHAIN_NAME = 28
+_JUMP_RE = re.compile(r"\A-(D [A-Z]+|I [A-Z]+ [0-9]+) -j [A-Za-z0-9_-]{1,28}\Z")
+"""The only jump lines a script may carry: insert or delete an unconditional
+jump from a kernel chain (``FORWARD``, ``POSTROUTING`` ...)."""
 
 
 @dataclass(frozen=True)
@@ -82,23 +87,68 @@ class Iptables:
         return proc.stdout
 
 
-def render(table: str, chains: dict[str, list[str]], extra: list[str] | None = None) -> str:
-    """A restore script that rewrites each chain in ``chains`` whole.
+def restore_script(
+    table: str,
+    write: dict[str, tuple[str, ...]],
+    jumps: Sequence[str] = (),
+    delete: Sequence[str] = (),
+) -> str:
+    """One ``iptables-restore --noflush`` transaction for ``table``.
 
-    ``:<chain> - [0:0]`` creates or flushes the chain in the same
-    transaction that appends its rules, so a reader never sees it half
-    written.  ``extra`` lines (jump inserts or deletes) follow.
+    Each chain in ``write`` is rewritten whole: ``:<chain> - [0:0]`` creates
+    or flushes it in the same transaction that appends its rules, so a
+    reader never sees it half written.  ``jumps`` (inserts or deletes of our
+    jumps from kernel chains) follow, then each chain in ``delete`` is
+    flushed and deleted.
+
+    This is the only place a restore script is built, and it refuses (with
+    ``DataplaneError``, before anything runs) a chain name that is not
+    calicnm's, a rule body holding a line break, and a jump line that does
+    anything but insert or delete an unconditional jump to a calicnm chain:
+    whatever the compiler was given, the script can only touch calicnm's
+    own chains.
     """
-    for name in chains:
-        if not name.startswith(CHAIN_PREFIX) or len(name) > MAX_CHAIN_NAME:
-            raise DataplaneError(f"refusing to write chain {name!r}: not a calicnm chain name")
+    for name in (*write, *delete):
+        _check_chain(name)
+    for name, rules in write.items():
+        for rule in rules:
+            if any(c in rule for c in "\n\r\0"):
+                raise DataplaneError(f"refusing a rule for {name} that holds a line break")
+    for line in jumps:
+        if not _JUMP_RE.match(line) or not line.split()[-1].startswith(CHAIN_PREFIX):
+            raise DataplaneError(f"refusing jump line {line!r}: not a jump to a calicnm chain")
     lines = [f"*{table}"]
-    lines += [f":{name} - [0:0]" for name in chains]
-    for name, rules in chains.items():
+    lines += [f":{name} - [0:0]" for name in write]
+    lines += [f":{name} - [0:0]" for name in delete]
+    for name, rules in write.items():
         lines += [f"-A {name} {rule}" for rule in rules]
-    lines += extra or []
+    lines += list(jumps)
+    lines += [f"-X {name}" for name in delete]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _check_chain(name: str) -> None:
+    if (
+        not name.startswith(CHAIN_PREFIX)
+        or len(name) > MAX_CHAIN_NAME
+        or not all(c.isalnum() or c in "-_" for c in name)
+    ):
+        raise DataplaneError(f"refusing to write chain {name!r}: not a calicnm chain name")
+
+
+def kernel_chains(saved: str) -> set[str]:
+    """Names of calicnm chains in ``iptables-save`` output."""
+    return {
+        line[1:].split()[0] for line in saved.splitlines() if line.startswith(f":{CHAIN_PREFIX}")
+    }
+
+
+def jump_removals(saved: str, parent: str, chain: str) -> list[str]:
+    """Lines that delete every one of our ``-j chain`` jumps from ``parent``."""
+    rule = f"-A {parent} -j {chain}"
+    count = sum(1 for line in saved.splitlines() if line.strip() == rule)
+    return [f"-D {parent} -j {chain}"] * count
 
 
 def jump_fixups(saved: str, parent: str, chain: str, position: int = 1) -> list[str]:

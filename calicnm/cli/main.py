@@ -18,20 +18,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from calicnm import keys, table
-from calicnm.cli_common import Command, Context, emit_json, network_label, out
-from calicnm.cli_policy import ENDPOINT_USAGE, pull_remainder_options, rewrite_argv
+from calicnm.cli import table
+from calicnm.cli.context import Command, Context, emit_json, network_label, out
+from calicnm.cli.profile_commands import ENDPOINT_USAGE, pull_remainder_options, rewrite_argv
 from calicnm.config import add_arguments
-from calicnm.datastore import EtcdStore
 from calicnm.errors import CalicnmError, InvalidRequest, NotFound, Unsupported
-from calicnm.model import (
-    Endpoint,
-    Network,
-    Pool,
-    parse_address,
-    parse_network,
-)
-from calicnm.services import setup_logging
+from calicnm.model import Pool, parse_address, parse_network
+from calicnm.store import records
+from calicnm.wiring import setup_logging
 
 ETCD_SETTINGS = ["etcd_endpoints", "etcd_trusted_ca_file", "etcd_cert_file", "etcd_key_file"]
 NODE_SETTINGS = [
@@ -52,7 +46,7 @@ NODE_SETTINGS = [
 
 
 def cmd_node_run(ctx: Context) -> int:
-    from calicnm.node import Node
+    from calicnm.node.daemon import Node
 
     setup_logging(ctx.config.log_level)
     return Node(ctx.config).run()
@@ -92,7 +86,7 @@ def status_report(ctx: Context) -> tuple[bool, list[str]]:
         ok = False
         lines.append(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
     try:
-        endpoints = ctx.store.list(keys.endpoints_prefix(ctx.config.hostname))
+        endpoints = records.endpoints(ctx.store, ctx.config.hostname)
         lines.append(f"etcd is reachable at {ctx.store.describe()}")
         lines.append(f"host {ctx.config.hostname}: {len(endpoints)} endpoint(s)")
     except CalicnmError as exc:
@@ -102,7 +96,7 @@ def status_report(ctx: Context) -> tuple[bool, list[str]]:
 
 
 def cmd_status(ctx: Context) -> int:
-    from calicnm.cli_bgp import bgp_status_lines
+    from calicnm.cli.bgp_commands import bgp_status_lines
 
     ok, lines = status_report(ctx)
     for line in [*lines, *bgp_status_lines(ctx.config.state_dir)]:
@@ -111,7 +105,7 @@ def cmd_status(ctx: Context) -> int:
 
 
 def cmd_diags(ctx: Context) -> int:
-    from calicnm.diags import collect
+    from calicnm.node.diags import collect
 
     out_dir = ctx.args.out or os.getcwd()
     if not os.path.isdir(out_dir):
@@ -126,7 +120,7 @@ def cmd_diags(ctx: Context) -> int:
 
 def cmd_pool_add(ctx: Context) -> int:
     if ctx.args.ipip or ctx.args.vxlan:
-        from calicnm.plumbing import kernel_supports
+        from calicnm.host.netlink import kernel_supports
 
         kind = "ipip" if ctx.args.ipip else "vxlan"
         if not kernel_supports(kind):
@@ -168,16 +162,9 @@ def cmd_pool_show(ctx: Context) -> int:
 # ---- endpoint --------------------------------------------------------------
 
 
-def _networks(store: EtcdStore) -> dict[str, Network]:
-    return {n.id: n for n in (Network.from_json(kv.value) for kv in store.list(keys.NETWORKS))}
-
-
 def cmd_endpoint_show(ctx: Context) -> int:
-    prefix = keys.endpoints_prefix(ctx.args.host) if ctx.args.host else keys.HOSTS
-    endpoints = [
-        Endpoint.from_json(kv.value) for kv in ctx.store.list(prefix) if "/endpoints/" in kv.key
-    ]
-    networks = _networks(ctx.store)
+    endpoints = records.endpoints(ctx.store, ctx.args.host or None)
+    networks = records.networks(ctx.store)
     if ctx.args.json:
         rows = []
         for ep in endpoints:
@@ -324,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     run = leaf(node_sub, "run", cmd_node_run, "run this host's node in the foreground")
     add_arguments(run, NODE_SETTINGS, subcommand=True)
-    from calicnm.cli_bgp import register
+    from calicnm.cli.bgp_commands import register
 
     register(sub, node_sub, leaf)
 
@@ -362,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     eshow.add_argument("--detailed", action="store_true")
     eshow.add_argument("--json", action="store_true")
 
-    from calicnm.cli_policy import register as register_policy
+    from calicnm.cli.profile_commands import register as register_policy
 
     register_policy(sub, leaf, parser.prog)
 

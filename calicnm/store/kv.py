@@ -1,0 +1,129 @@
+"""The datastore boundary as calicnm sees it: a small key-value protocol.
+
+``Store`` offers string keys, string values and the etcd ``mod_revision`` of
+each value, plus one atomic ``commit`` that compares revisions and applies
+puts and deletes together.  Compare-and-swap everywhere is built on
+``commit``; ``update`` is the one retry loop every read-modify-write uses.
+``store.etcd.EtcdStore`` is the production implementation and
+``tests/fakes.MemoryStore`` the in-memory one; both keep etcd's revision
+semantics.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, TypeVar
+
+from calicnm.errors import DatastoreConflict
+
+T = TypeVar("T")
+
+ABSENT = 0
+"""Revision to compare against in ``Txn.compare`` for "key must not exist"."""
+
+
+class KV(NamedTuple):
+    key: str
+    value: str
+    revision: int
+
+
+@dataclass
+class Txn:
+    """An all-or-nothing change: applied only if every compared key is still
+    at its revision (``ABSENT`` meaning it must not exist)."""
+
+    compare: list[tuple[str, int]] = field(default_factory=list)
+    puts: list[tuple[str, str]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+
+
+class Store(Protocol):
+    def get(self, key: str) -> KV | None: ...
+
+    def list(self, prefix: str) -> list[KV]: ...
+
+    def put(self, key: str, value: str) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def commit(self, txn: Txn) -> int:
+        """Apply ``txn`` if its compares hold: the new revision, else 0."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def create(store: Store, key: str, value: str) -> bool:
+    """Write ``key`` only if it does not exist."""
+    return store.commit(Txn(compare=[(key, ABSENT)], puts=[(key, value)])) != 0
+
+
+def replace(store: Store, key: str, value: str, revision: int) -> bool:
+    """Write ``key`` only if it is still at ``revision`` (ABSENT: create)."""
+    return store.commit(Txn(compare=[(key, revision)], puts=[(key, value)])) != 0
+
+
+def delete_if(store: Store, key: str, revision: int) -> bool:
+    return store.commit(Txn(compare=[(key, revision)], deletes=[key])) != 0
+
+
+CAS_RETRIES = 100
+"""How many times one compare-and-swap is tried before ``DatastoreConflict``.
+
+Every read-modify-write in calicnm goes through ``retry_cas``: IPAM blocks
+under many allocators, profile and endpoint edits, BGP settings.  Between
+tries it sleeps a random moment that grows with the try (at most 50 ms), so
+a hundred tries span a few seconds of real contention at most."""
+
+
+def retry_cas(
+    attempt: Callable[[], T | None],
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> T:
+    """Call ``attempt`` until it returns something other than None.
+
+    ``attempt`` reads, computes and commits; it returns None when its
+    compare lost (someone wrote in between) and it should run again on a
+    fresh read.  Exceptions from ``attempt`` propagate at once: that is how
+    a change refuses to be made.  After ``CAS_RETRIES`` lost compares this
+    raises ``DatastoreConflict`` naming ``what``, having written nothing.
+    """
+    jitter = rng or random
+    for tries in range(CAS_RETRIES):
+        result = attempt()
+        if result is not None:
+            return result
+        sleep(jitter.uniform(0, min(0.002 * (tries + 1), 0.05)))
+    raise DatastoreConflict(f"{what} kept changing; gave up after {CAS_RETRIES} tries")
+
+
+def update(
+    store: Store,
+    key: str,
+    change: Callable[[KV | None], str | None],
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """Compare-and-swap ``key`` to ``change(current)``.
+
+    ``change`` gets the current value (None when absent) and returns the new
+    one, or None to leave the key as it is; it may raise to refuse.  Returns
+    what the key holds afterwards (None if it is absent)."""
+
+    def attempt() -> tuple[str | None] | None:
+        current = store.get(key)
+        new = change(current)
+        if new is None:
+            return (current.value if current else None,)
+        if replace(store, key, new, current.revision if current else ABSENT):
+            return (new,)
+        return None
+
+    result: str | None = retry_cas(attempt, what, sleep)[0]
+    return result

@@ -1,0 +1,359 @@
+"""The records layer: the only code that classifies, lists and decodes what
+is stored under ``/calicnm/v1``.
+
+``keys`` spells keys; ``parse_key`` is its inverse, turning a key back into
+its kind and parts.  Every stored value becomes a record through exactly one
+validating constructor per kind (``decode``), so a check added there guards
+every reader: the plugin, the agent, the CLI and other hosts' nodes alike.
+
+Failure behaviour: a value or key that does not validate raises
+``InvalidRequest`` naming the key.  Listings used by commands (``networks``,
+``endpoints`` ...) let that propagate, so the operator sees which record is
+bad; ``read_snapshot``, which feeds the agent, skips the bad record, logs
+it and lists it in ``Snapshot.invalid`` instead, so one bad record never
+stops a host from serving the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from calicnm.blocks import Block
+from calicnm.errors import CalicnmError, InvalidRequest
+from calicnm.model import BgpConfig, Endpoint, Host, IPv4Network, Network, Peer, Pool
+from calicnm.policy import Profile
+from calicnm.store import keys
+from calicnm.store.kv import KV, Store
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+POOL = "pool"
+BLOCK = "block"
+AFFINITY = "affinity"
+NETWORK = "network"
+PROFILE = "profile"
+BGP_CONFIG = "bgp-config"
+GLOBAL_PEER = "global-peer"
+NODE_PEER = "node-peer"
+HOST = "host"
+ENDPOINT = "endpoint"
+CONFIG = "config"
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """What a key names: its kind, the host it belongs to (host-scoped kinds
+    and affinities) and its last part (a CIDR, an id, a name, a peer IP)."""
+
+    kind: str
+    name: str = ""
+    host: str | None = None
+
+
+_FLAT = (
+    (keys.POOLS, POOL),
+    (keys.BLOCKS, BLOCK),
+    (keys.NETWORKS, NETWORK),
+    (keys.PROFILES, PROFILE),
+    (keys.GLOBAL_PEERS, GLOBAL_PEER),
+    (keys.config(""), CONFIG),
+)
+
+
+def parse_key(key: str) -> KeyParts | None:
+    """The kind and parts of ``key``; None for a key this release does not
+    know (a newer release's addition, or a stray key)."""
+    if key == keys.BGP_CONFIG:
+        return KeyParts(BGP_CONFIG)
+    for prefix, kind in _FLAT:
+        if key.startswith(prefix):
+            name = key[len(prefix) :]
+            return KeyParts(kind, name) if name and "/" not in name else None
+    if key.startswith(keys.AFFINITY):
+        host, _, cidr = key[len(keys.AFFINITY) :].partition("/")
+        return KeyParts(AFFINITY, cidr, host) if host and cidr and "/" not in cidr else None
+    if key.startswith(keys.HOSTS):
+        host, _, rest = key[len(keys.HOSTS) :].partition("/")
+        if not host:
+            return None
+        if rest == "meta":
+            return KeyParts(HOST, host, host)
+        section, _, name = rest.partition("/")
+        if not name or "/" in name:
+            return None
+        if section == "endpoints":
+            return KeyParts(ENDPOINT, name, host)
+        if section == "peers":
+            return KeyParts(NODE_PEER, name, host)
+    return None
+
+
+def cidr_of(name: str) -> IPv4Network:
+    """The CIDR a key part spells (``10.0.0.0-26``); InvalidRequest if none."""
+    try:
+        return IPv4Network(name.replace("-", "/"))
+    except ValueError as exc:
+        raise InvalidRequest(f"{name!r} is not a CIDR as keys spell it") from exc
+
+
+def _parts(kv: KV, kind: str) -> KeyParts:
+    parts = parse_key(kv.key)
+    if parts is None or parts.kind != kind:
+        raise InvalidRequest(f"key {kv.key} is not a {kind} key")
+    return parts
+
+
+def _decoded(kv: KV, kind: str, build: Callable[[KeyParts], T]) -> T:
+    parts = _parts(kv, kind)
+    try:
+        return build(parts)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{kind} record {kv.key} is invalid: {exc}") from exc
+
+
+# ---- one validating constructor per kind -----------------------------------
+
+
+def decode_pool(kv: KV) -> Pool:
+    return _decoded(kv, POOL, lambda _p: Pool.from_json(kv.value))
+
+
+def decode_block(kv: KV) -> Block:
+    return _decoded(kv, BLOCK, lambda _p: Block.from_json(kv.value, revision=kv.revision))
+
+
+def decode_network(kv: KV) -> Network:
+    def build(parts: KeyParts) -> Network:
+        network = Network.from_json(kv.value)
+        if network.id != parts.name:
+            raise InvalidRequest(f"it names network {network.id[:12]!r}")
+        return network
+
+    return _decoded(kv, NETWORK, build)
+
+
+def decode_profile(kv: KV) -> Profile:
+    """The key, not the stored ``id``, names a profile."""
+    return _decoded(kv, PROFILE, lambda p: Profile.from_json(kv.value, p.name))
+
+
+def decode_endpoint(kv: KV) -> Endpoint:
+    def build(parts: KeyParts) -> Endpoint:
+        endpoint = Endpoint.from_json(kv.value)
+        if endpoint.id != parts.name or endpoint.host != parts.host:
+            raise InvalidRequest(f"it names endpoint {endpoint.id[:12]} on {endpoint.host}")
+        return endpoint
+
+    return _decoded(kv, ENDPOINT, build)
+
+
+def decode_host(kv: KV) -> Host:
+    def build(parts: KeyParts) -> Host:
+        host = Host.from_json(kv.value)
+        if host.name != parts.host:
+            raise InvalidRequest(f"it names host {host.name!r}")
+        return host
+
+    return _decoded(kv, HOST, build)
+
+
+def decode_peer(kv: KV) -> Peer:
+    parts = parse_key(kv.key)
+    kind = parts.kind if parts is not None and parts.kind == NODE_PEER else GLOBAL_PEER
+    return _decoded(kv, kind, lambda _p: Peer.from_json(kv.value))
+
+
+def decode_bgp_config(kv: KV | None) -> BgpConfig:
+    """The global BGP settings; their defaults while none are stored."""
+    if kv is None:
+        return BgpConfig()
+    return _decoded(kv, BGP_CONFIG, lambda _p: BgpConfig.from_json(kv.value))
+
+
+def decode_affinity(kv: KV) -> tuple[str, IPv4Network]:
+    """(host, block) of an affinity marker: the host owns the block."""
+
+    def build(parts: KeyParts) -> tuple[str, IPv4Network]:
+        return parts.host or "", cidr_of(parts.name)
+
+    return _decoded(kv, AFFINITY, build)
+
+
+# ---- listings ------------------------------------------------------------------
+
+
+def pools(store: Store) -> list[Pool]:
+    return [decode_pool(kv) for kv in store.list(keys.POOLS)]
+
+
+def blocks(store: Store) -> list[Block]:
+    return [decode_block(kv) for kv in store.list(keys.BLOCKS)]
+
+
+def block(store: Store, cidr: IPv4Network) -> Block | None:
+    kv = store.get(keys.block(cidr))
+    return decode_block(kv) if kv else None
+
+
+def networks(store: Store) -> dict[str, Network]:
+    """Every network record by id."""
+    return {n.id: n for n in (decode_network(kv) for kv in store.list(keys.NETWORKS))}
+
+
+def network(store: Store, network_id: str) -> Network | None:
+    kv = store.get(keys.network(network_id))
+    return decode_network(kv) if kv else None
+
+
+def profiles(store: Store) -> list[Profile]:
+    """Every profile, sorted by name."""
+    return sorted((decode_profile(kv) for kv in store.list(keys.PROFILES)), key=lambda p: p.name)
+
+
+def _host_scoped(store: Store, kind: str, host: str | None) -> Iterator[tuple[KeyParts, KV]]:
+    prefix = keys.host_prefix(host) if host else keys.HOSTS
+    for kv in store.list(prefix):
+        parts = parse_key(kv.key)
+        if parts is not None and parts.kind == kind:
+            yield parts, kv
+
+
+def endpoint_kvs(store: Store, host: str | None = None) -> list[tuple[KeyParts, KV]]:
+    """The stored endpoints (of ``host``, or of every host), undecoded."""
+    return list(_host_scoped(store, ENDPOINT, host))
+
+
+def endpoints(store: Store, host: str | None = None) -> list[Endpoint]:
+    """Every endpoint of ``host``, or of every host."""
+    return [decode_endpoint(kv) for _, kv in _host_scoped(store, ENDPOINT, host)]
+
+
+def endpoint(store: Store, host: str, endpoint_id: str) -> tuple[KV, Endpoint] | None:
+    kv = store.get(keys.endpoint(host, endpoint_id))
+    return (kv, decode_endpoint(kv)) if kv else None
+
+
+def hosts(store: Store) -> list[Host]:
+    """Every registered host (host records only; endpoints are not read)."""
+    return [decode_host(kv) for _, kv in _host_scoped(store, HOST, None)]
+
+
+def host(store: Store, name: str) -> Host | None:
+    kv = store.get(keys.host_meta(name))
+    return decode_host(kv) if kv else None
+
+
+def node_peers(store: Store, host: str | None = None) -> dict[str, list[Peer]]:
+    """Host-specific BGP peers by host."""
+    found: dict[str, list[Peer]] = {}
+    for parts, kv in _host_scoped(store, NODE_PEER, host):
+        found.setdefault(parts.host or "", []).append(decode_peer(kv))
+    return found
+
+
+def global_peers(store: Store) -> list[Peer]:
+    return [decode_peer(kv) for kv in store.list(keys.GLOBAL_PEERS)]
+
+
+def bgp_config(store: Store) -> BgpConfig:
+    return decode_bgp_config(store.get(keys.BGP_CONFIG))
+
+
+def affinities(store: Store, host: str | None = None) -> dict[str, list[IPv4Network]]:
+    """Blocks by the host that holds affinity for them."""
+    prefix = keys.affinity_prefix(host) if host else keys.AFFINITY
+    found: dict[str, list[IPv4Network]] = {}
+    for kv in store.list(prefix):
+        owner, cidr = decode_affinity(kv)
+        found.setdefault(owner, []).append(cidr)
+    return found
+
+
+def host_counts(store: Store) -> dict[str, int]:
+    """Endpoints per host, counted from keys alone (nothing decoded)."""
+    counts: dict[str, int] = {}
+    for parts, _kv in _host_scoped(store, ENDPOINT, None):
+        counts[parts.host or ""] = counts.get(parts.host or "", 0) + 1
+    return counts
+
+
+# ---- the agent's view ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a host's kernel and BGP state derive from, read in one pass.
+
+    ``profiles`` maps a name to None when its record exists but is invalid
+    (its chains then drop everything); ``invalid`` lists every record that
+    was skipped, with the reason.
+    """
+
+    profiles: dict[str, Profile | None]
+    networks: dict[str, Network]
+    endpoints: list[Endpoint]
+    hosts: list[Host] = field(default_factory=list)
+    pools: list[Pool] = field(default_factory=list)
+    affinity: dict[str, list[IPv4Network]] = field(default_factory=dict)
+    bgp: BgpConfig = field(default_factory=BgpConfig)
+    global_peers: list[Peer] = field(default_factory=list)
+    node_peers: dict[str, list[Peer]] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)
+
+
+def read_snapshot(store: Store) -> Snapshot:
+    """The agent's whole input; invalid records are skipped, logged and listed."""
+    invalid: dict[str, str] = {}
+
+    def keep(kv: KV, decode: Callable[[KV], T]) -> T | None:
+        try:
+            return decode(kv)
+        except CalicnmError as exc:
+            _log.error("skipping invalid record %s: %s", kv.key, exc)
+            invalid[kv.key] = str(exc)
+            return None
+
+    profiles_: dict[str, Profile | None] = {}
+    for kv in store.list(keys.PROFILES):
+        parts = parse_key(kv.key)
+        profile = keep(kv, decode_profile)
+        if parts is not None:
+            profiles_[parts.name] = profile
+    networks_ = {n.id: n for kv in store.list(keys.NETWORKS) if (n := keep(kv, decode_network))}
+    endpoints_: list[Endpoint] = []
+    hosts_: list[Host] = []
+    node_peers_: dict[str, list[Peer]] = {}
+    for kv in store.list(keys.HOSTS):
+        parts = parse_key(kv.key)
+        if parts is None:
+            continue
+        if parts.kind == ENDPOINT and (ep := keep(kv, decode_endpoint)) is not None:
+            endpoints_.append(ep)
+        elif parts.kind == HOST and (h := keep(kv, decode_host)) is not None:
+            hosts_.append(h)
+        elif parts.kind == NODE_PEER and (peer := keep(kv, decode_peer)) is not None:
+            node_peers_.setdefault(parts.host or "", []).append(peer)
+    pools_ = [p for kv in store.list(keys.POOLS) if (p := keep(kv, decode_pool))]
+    affinity: dict[str, list[IPv4Network]] = {}
+    for kv in store.list(keys.AFFINITY):
+        if (pair := keep(kv, decode_affinity)) is not None:
+            affinity.setdefault(pair[0], []).append(pair[1])
+    bgp_kv = store.get(keys.BGP_CONFIG)
+    bgp = keep(bgp_kv, decode_bgp_config) if bgp_kv else None
+    peers = [gp for kv in store.list(keys.GLOBAL_PEERS) if (gp := keep(kv, decode_peer))]
+    return Snapshot(
+        profiles_,
+        networks_,
+        endpoints_,
+        hosts_,
+        pools_,
+        affinity,
+        bgp or BgpConfig(),
+        peers,
+        node_peers_,
+        invalid,
+    )
