@@ -25,14 +25,15 @@ run: deps
 	$(VENV)/bin/calicnm node run
 
 lint: deps
-	$(VENV)/bin/ruff check calicnm tests bench
-	$(VENV)/bin/ruff format --check calicnm
+	$(VENV)/bin/ruff check calicnm lab tests bench
+	$(VENV)/bin/ruff format --check calicnm lab bench tests
 	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest
 
-unit: deps
+# Unit tests only: no root, nothing installed outside .venv, a few seconds.
+unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
 # Data plane (qperf) and control plane benchmarks; report, table and charts in
@@ -40,7 +41,7 @@ unit: deps
 bench: deps
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	out=bench/results/$$(date -u +%Y%m%dT%H%M%SZ); \
-	$(PY) bench/dataplane.py --out $$out && $(PY) bench/controlplane.py --out $$out && \
+	$(PY) -m bench.dataplane --out $$out && $(PY) -m bench.controlplane --out $$out && \
 	echo "report: $$out"
 
 clean:

@@ -11,15 +11,16 @@
    throwaway loopback etcd; then two "hosts" (two processes) allocating from one pool at once,
    against two processes doing raw CAS at once, with a check that no address was handed out
    twice.  Goal: IPAM >= 0.8 of raw CAS throughput.
-3. Policy: ``bench/policy_bench.py`` as a subprocess (rule change -> kernel, full resync, rule
-   count), its printed figures parsed.
+3. Policy: ``bench/policy_bench.py`` as a subprocess (``python -m bench.policy_bench``: rule
+   change -> kernel, full resync, rule count), its printed figures parsed.
 
 Prints a table and writes ``controlplane.md`` and ``controlplane.json`` into ``--out``
 (default ``bench/results/<UTC timestamp>/``).  Never fails on a number: exit status 1 only
 when a case could not be measured at all.  Traffic stays between containers of the emulated
 host and loopback; everything started here is stopped at the end, also on failure.
 
-Usage (root): .venv/bin/python bench/controlplane.py [--quick] [--out DIR]
+Usage (root, from the repository's root): .venv/bin/python -m bench.controlplane [--quick]
+[--out DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,10 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.report import (  # noqa: E402
+from bench.report import (
     EN_DASH,
     format_ratio,
     format_spread,
@@ -64,12 +61,15 @@ from bench.report import (  # noqa: E402
     write_json,
     write_markdown,
 )
-from calicnm.ipam import Allocator, PoolRef  # noqa: E402
-from calicnm.model import Pool  # noqa: E402
-from calicnm.store.etcd import EtcdStore, parse_endpoints  # noqa: E402
-from calicnm.store.kv import ABSENT, KV, Store, Txn  # noqa: E402
-from tests.cluster import CalicnmHost  # noqa: E402
-from tests.harness import DEFAULT_IMAGE, Fabric  # noqa: E402
+from calicnm.ipam import Allocator, PoolRef
+from calicnm.model import Pool
+from calicnm.store.etcd import EtcdStore, parse_endpoints
+from calicnm.store.kv import ABSENT, KV, Store, Txn
+from lab.cluster import CalicnmHost, single_host
+from lab.etcd import EtcdServer
+from lab.images import DEFAULT_IMAGE
+from lab.paths import REPO
+from lab.procs import run_bounded
 
 DOCKER_GOAL_MS = 150.0
 IPAM_GOAL_RATIO = 0.8
@@ -151,29 +151,6 @@ CLIENT_LOOP = (
 SERVER = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www"
 
 
-class _BenchHost(CalicnmHost):
-    """An emulated host whose node runs with its production defaults (INFO logging, 30 s
-    resync) instead of the test suite's DEBUG logging and 3 s resync."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env.pop("CALICNM_RESYNC_INTERVAL", None)
-        env["CALICNM_LOG_LEVEL"] = "INFO"
-        return env
-
-
-@contextlib.contextmanager
-def bench_host(workdir: Path) -> Iterator[CalicnmHost]:
-    """A fabric and one emulated calicnm host with the node's embedded etcd."""
-    with Fabric() as fabric:
-        att = fabric.add_host()
-        host = _BenchHost(att.host, att.address, workdir, "bench1")
-        try:
-            yield host.start()
-        finally:
-            host.close()
-
-
 @dataclass(frozen=True)
 class RunSample:
     total_ms: float
@@ -237,7 +214,8 @@ def measure_docker(host: CalicnmHost, runs: int) -> Json:
 def docker_case(settings: Settings, _out: Path) -> Json:
     workdir = Path(tempfile.mkdtemp(prefix="cnmt-bench-"))
     try:
-        with bench_host(workdir) as host:
+        # The node at its product defaults (INFO logs, 30 s resync), not the tests' settings.
+        with single_host(workdir, "bench1", node_settings="product") as host:
             result = measure_docker(host, settings.docker_runs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -252,51 +230,11 @@ def docker_case(settings: Settings, _out: Path) -> Json:
 # ---- 2. IPAM against raw compare-and-swap ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def loopback_etcd() -> Iterator[str]:
     """A throwaway single-member etcd on loopback; yields its client URL."""
-    workdir = tempfile.mkdtemp(prefix="calicnm-bench-etcd-")
-    port, peer = _free_port(), _free_port()
-    url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    argv = ["etcd", "--name", "b", "--data-dir", f"{workdir}/data"]
-    argv += ["--listen-client-urls", url, "--advertise-client-urls", url]
-    argv += ["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url]
-    argv += ["--initial-cluster", f"b={peer_url}"]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        _wait_etcd(url)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _wait_etcd(url: str) -> None:
-    store = EtcdStore(parse_endpoints(url), timeout=1.0)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                store.get("/ready")
-                return
-            except Exception:
-                time.sleep(0.2)
-        raise RuntimeError(f"etcd at {url} not ready after 30 s")
-    finally:
-        store.close()
+    with EtcdServer() as etcd:
+        yield etcd.url
 
 
 def reset_store(store: EtcdStore) -> None:
@@ -330,7 +268,7 @@ class CountingStore:
         self.calls["delete"] += 1
         return self._inner.delete(key)
 
-    def commit(self, txn: Txn) -> bool:
+    def commit(self, txn: Txn) -> int:
         self.calls["commit"] += 1
         return self._inner.commit(txn)
 
@@ -560,26 +498,14 @@ def parse_policy(output: str) -> Json:
 
 def run_policy_bench(argv: list[str], timeout: float) -> tuple[int | None, str]:
     """Run it; on timeout interrupt it (SIGINT lets it tear down) and only then kill it."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        return None, out + f"\n(timed out after {timeout:.0f} s)"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    returncode, out = run_bounded(argv, timeout, cwd=REPO, stop_signal=signal.SIGINT, grace=60)
+    if returncode is None:
+        out += f"\n(timed out after {timeout:.0f} s)"
+    return returncode, out
 
 
 def policy_case(settings: Settings, out: Path) -> Json:
-    argv = [sys.executable, str(REPO / "bench" / "policy_bench.py"), *settings.policy_args]
+    argv = [sys.executable, "-m", "bench.policy_bench", *settings.policy_args]
     returncode, output = run_policy_bench(argv, settings.policy_timeout_s)
     (out / "policy_bench.txt").write_text(output)
     figures = parse_policy(output)

@@ -15,7 +15,8 @@ real agent:
 Baselines measured in the same run: one etcd put, and one
 ``iptables-restore`` of a one-rule chain (the floor any rule change pays).
 
-Usage (root): .venv/bin/python bench/policy_bench.py [--endpoints 1000] [--profiles 50]
+Usage (root, from the repository's root):
+.venv/bin/python -m bench.policy_bench [--endpoints 1000] [--profiles 50]
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import hashlib
 import ipaddress
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,8 +34,6 @@ import tempfile
 import threading
 import time
 import uuid
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from calicnm.endpoint import derive_mac, plan_link
 from calicnm.host.ipsets import Ipsets
@@ -48,14 +46,9 @@ from calicnm.node.agent import Agent
 from calicnm.policy import Profile, Rule
 from calicnm.store import keys
 from calicnm.store.etcd import EtcdStore, parse_endpoints
+from lab.etcd import EtcdServer
 
 CLONE_NEWNET = 0x40000000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def setns(path: str) -> int:
@@ -100,40 +93,13 @@ def main() -> int:
         return 2
 
     workdir = tempfile.mkdtemp(prefix="calicnm-bench-")
-    port, peer = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    etcd = subprocess.Popen(
-        [
-            "etcd",
-            "--name",
-            "b",
-            "--data-dir",
-            f"{workdir}/etcd",
-            "--listen-client-urls",
-            url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"b=http://127.0.0.1:{peer}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    etcd = EtcdServer()
     ns = "cnmb" + uuid.uuid4().hex[:8]
     original = -1
     try:
-        store = EtcdStore(parse_endpoints(url))
-        for _ in range(100):
-            try:
-                store.get("/x")
-                break
-            except Exception:
-                time.sleep(0.1)
+        etcd.start()
+        store = EtcdStore(parse_endpoints(etcd.url))
+        store.get("/x")  # connect now, from the root namespace, where etcd listens
         subprocess.run(["ip", "netns", "add", ns], check=True)
         original = setns(f"/run/netns/{ns}")
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -143,8 +109,7 @@ def main() -> int:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.setns(original, CLONE_NEWNET)
         subprocess.run(["ip", "netns", "del", ns], check=False)
-        etcd.terminate()
-        etcd.wait(timeout=10)
+        etcd.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -263,12 +228,12 @@ def run(store: EtcdStore, args: argparse.Namespace, workdir: str) -> int:
         f"p99 {pct(latencies, 0.99) * ms:.1f} ms, max {max(latencies) * ms:.1f} ms "
         f"(n={len(latencies)})"
     )
-    base = statistics.median(puts) + statistics.median(floor)
+    baseline = statistics.median(puts) + statistics.median(floor)
     print(
         f"baseline: etcd put {statistics.median(puts) * ms:.1f} ms + one-chain "
-        f"iptables-restore {statistics.median(floor) * ms:.1f} ms = {base * ms:.1f} ms"
+        f"iptables-restore {statistics.median(floor) * ms:.1f} ms = {baseline * ms:.1f} ms"
     )
-    print(f"ratio rule-change median / baseline: {statistics.median(latencies) / base:.1f}x")
+    print(f"ratio rule-change median / baseline: {statistics.median(latencies) / baseline:.1f}x")
     return 0
 
 

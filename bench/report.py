@@ -4,7 +4,8 @@ Stable API (other benchmarks import it; extend, do not change):
 
 - :func:`system_info` -> ``dict``: what the machine was (kernel, CPU, cores, memory, OS),
   recorded so a figure can be read against the machine that produced it.
-- :func:`median_spread` -> ``(median, low, high)`` of repeated measurements.
+- :func:`median_spread` -> ``(median, low, high)`` of repeated measurements, and
+  :func:`median` alone.
 - :func:`write_markdown` writes ``(heading, body)`` sections to a Markdown file.
 
 Formatting helpers used with them: :func:`format_spread`, :func:`ratio`,
@@ -34,6 +35,7 @@ __all__ = [
     "format_ratio",
     "format_spread",
     "markdown_table",
+    "median",
     "median_spread",
     "ratio",
     "system_info",
@@ -96,6 +98,11 @@ def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
     if not values:
         raise ValueError("median_spread of no values")
     return statistics.median(values), min(values), max(values)
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of ``values``; raises ``ValueError`` if there are none."""
+    return median_spread(values)[0]
 
 
 def format_spread(

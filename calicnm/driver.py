@@ -109,7 +109,7 @@ def parse_network_options(generic: dict[str, Any]) -> tuple[str | None, int | No
 
 
 class Plumbing(Protocol):
-    """What the driver needs from the kernel side (``plumbing.HostPlumbing``)."""
+    """What the driver needs from the kernel side (``host.netlink.HostPlumbing``)."""
 
     def create(self, plan: LinkPlan) -> None: ...
 

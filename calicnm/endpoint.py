@@ -2,7 +2,7 @@
 
 Given an endpoint id and its addresses this module decides the kernel names,
 the MAC, the link-local gateway and the exact Join response.  It performs no
-I/O; ``plumbing.HostPlumbing`` carries the plan out in the host namespace.
+I/O; ``host.netlink.HostPlumbing`` carries the plan out in the host namespace.
 
 The routed design: the container's ``eth<N>`` holds a /32 and reaches a
 link-local gateway (169.254.1.1 for its first calicnm interface) through a

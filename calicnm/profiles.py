@@ -1,6 +1,6 @@
 """Compiling policy into kernel state: profiles -> iptables chains and ipsets.
 
-Pure: takes values, returns a ``CompiledPolicy`` value; ``dataplane.py`` applies it.
+Pure: takes values, returns a ``CompiledPolicy`` value; ``host.policy_applier`` applies it.
 
 Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
 

@@ -17,7 +17,11 @@ everything, which repairs any drift (a chain flushed or deleted by hand, an
 ipset emptied, a jump deleted).
 
 If applying fails, what was programmed is forgotten, so the next apply is
-a full one; the kernel keeps whatever it had (never flushed wholesale).
+a full one.  Nothing is ever flushed wholesale, but a failure can leave a
+partial apply behind: ipsets are written before the chains, and
+``iptables-restore`` commits each table at its own ``COMMIT`` (filter before
+nat).  Every such state is one the next full apply converges from, and no
+state in between has a calicnm chain accepting what policy denies.
 """
 
 from __future__ import annotations

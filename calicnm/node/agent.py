@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from calicnm.errors import CalicnmError
+from calicnm.errors import CalicnmError, DatastoreUnavailable
 from calicnm.host.markers import Markers
 from calicnm.model import (
     effective_profiles,
@@ -41,13 +41,13 @@ T = TypeVar("T")
 
 
 class Routes(Protocol):
-    """What the agent needs from ``plumbing.HostPlumbing``."""
+    """What the agent needs from ``host.netlink.HostPlumbing``."""
 
     def ensure_routes(self, host_if: str, ips: tuple[str, ...], mac: str) -> bool: ...
 
 
 class Applier(Protocol):
-    """What the agent needs from ``dataplane.PolicyApplier``."""
+    """What the agent needs from ``host.policy_applier.PolicyApplier``."""
 
     def apply(self, desired: CompiledPolicy, full: bool = False) -> object: ...
 
@@ -65,7 +65,7 @@ class Agent:
     ) -> None:
         self._store = store
         self._host = host
-        self._dataplane = dataplane
+        self._applier = dataplane
         self._routes = routes
         self._markers = markers
         self._resync = resync
@@ -113,7 +113,7 @@ class Agent:
         used = {name for ep in compiled for name in ep.profiles}
         profiles = {name: snapshot.profiles.get(name) for name in used}
         desired = compile_policy(profiles, compiled, members, snapshot.pools)
-        self._dataplane.apply(desired, full=full)
+        self._applier.apply(desired, full=full)
 
         programmed = set()
         routed = {} if full else self._routed
@@ -174,7 +174,7 @@ class Agent:
                     _log.warning("agent pass failed; the kernel keeps its last state: %s", exc)
                 self.last_error = str(exc)
                 next_full = 0.0  # after any failure the next pass is a full one
-                self._watch_ok = self._watch_ok and "unreachable" not in str(exc)
+                self._watch_ok = self._watch_ok and not isinstance(exc, DatastoreUnavailable)
             timeout = max(0.0, next_full - time.monotonic()) if next_full else 1.0
             if waiting:
                 timeout = min(timeout, 0.25)

@@ -12,9 +12,12 @@ Start order, each step bounded in time and failing with a one-line reason:
    stale socket is removed first).
 
 Then the main loop keeps the host record current and restarts a child
-that died.  SIGTERM or SIGINT stops the plugin, the agent and then etcd,
-removes the socket and exits 0.  The kernel state is left in place: the
-containers keep their connectivity and isolation while the node is down.
+that died.  SIGTERM or SIGINT stops the plugin and the agent, removes the
+socket, shuts BIRD down (its peers withdraw this host's routes at once),
+stops the embedded etcd and exits 0.  The chains, ipsets and endpoint
+routes are left in place, so containers keep their isolation and their
+same-host connectivity while the node is down; a killed node (SIGKILL)
+leaves BIRD running too.
 """
 
 from __future__ import annotations

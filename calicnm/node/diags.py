@@ -62,8 +62,16 @@ def _tail(path: str, limit: int = 200_000) -> str:
         return f"cannot read {path}: {exc}\n"
 
 
-def collect(config: Config, store: Store, out_dir: str, status: Callable[[], str]) -> str:
-    """Write the tarball into ``out_dir``; returns its path."""
+def collect(
+    config: Config,
+    store: Store,
+    out_dir: str,
+    status: Callable[[], str],
+    run: Callable[[list[str]], str] = _run,
+) -> str:
+    """Write the tarball into ``out_dir``; returns its path.  ``run`` turns
+    each of ``COMMANDS`` into its file's text, recording a failure in it
+    rather than raising (default: run it here)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"calicnm-diags-{config.hostname}-{stamp}"
     path = os.path.join(out_dir, f"{name}.tar.gz")
@@ -71,7 +79,7 @@ def collect(config: Config, store: Store, out_dir: str, status: Callable[[], str
     files["config.txt"] = "".join(f"{k}={v}\n" for k, v in sorted(config.to_env().items()))
     files["status.txt"] = status()
     for filename, argv in COMMANDS.items():
-        files[filename] = _run(argv)
+        files[filename] = run(argv)
     try:
         files["etcd-calicnm.txt"] = _etcd_dump(store)
     except Exception as exc:  # record whatever went wrong; collect the rest

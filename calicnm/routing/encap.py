@@ -6,8 +6,9 @@ holds in such a pool, via that host's address, through the tunnel device
 ("onlink": the next hop is the remote host itself, reached inside the
 tunnel).  For VXLAN it also derives the forwarding entries: each host's
 VTEP MAC (a stable function of its name) and the underlay address behind
-it.  Pure; ``plumbing`` programs the result and ``routing.EncapSync``
-wires the two.
+it.  Pure; ``host.netlink`` programs the result and ``route_sync.EncapSync``
+wires the two.  ``bgp.routed_pools`` leaves these pools out, so BGP never
+carries them.
 """
 
 from __future__ import annotations

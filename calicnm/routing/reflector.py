@@ -26,6 +26,21 @@ _log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 
 
+def reflect_once(store: Store, bird: Bird, ip: str, as_num: int | None, cluster_id: str) -> bool:
+    """One pass: configure ``bird`` with every registered host as a client
+    (``as_num`` None: the global default AS); True if BIRD's configuration
+    changed.  Raises ``CalicnmError`` when etcd cannot be read or BIRD
+    refuses the configuration; BIRD then keeps running what it had."""
+    config = records.bgp_config(store)
+    hosts = records.hosts(store)
+    changed = bird.apply(
+        render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config)
+    )
+    if changed:
+        _log.info("route reflector clients=%d", len(hosts))
+    return changed
+
+
 def run(store: Store, ip: str, as_num: int | None, cluster_id: str, state_dir: str) -> int:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     bird = Bird(state_dir)
@@ -41,12 +56,7 @@ def run(store: Store, ip: str, as_num: int | None, cluster_id: str, state_dir: s
     try:
         while not stop.is_set():
             try:
-                config = records.bgp_config(store)
-                hosts = records.hosts(store)
-                if bird.apply(
-                    render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config)
-                ):
-                    _log.info("route reflector clients=%d", len(hosts))
+                reflect_once(store, bird, ip, as_num, cluster_id)
                 last_error = None
             except CalicnmError as exc:
                 if str(exc) != last_error:

@@ -9,15 +9,9 @@ mesh switched off) reaches BIRD on the next pass, and nothing else does.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-from calicnm.host.netlink import (
-    delete_link,
-    ensure_vxlan,
-    host_addresses,
-    kernel_supports,
-    link_mtu,
-    sync_tunnel,
-)
+from calicnm.host import netlink
 from calicnm.model import Host
 from calicnm.routing.bgp import BirdInput, render_bird, routed_pools
 from calicnm.routing.bird import Bird
@@ -83,23 +77,52 @@ class BgpSync:
         return False
 
 
+class Tunnels(Protocol):
+    """The kernel operations ``EncapSync`` needs; the ``calicnm.host.netlink``
+    module (this host's namespace) is the production one."""
+
+    def kernel_supports(self, kind: str) -> bool: ...
+
+    def host_addresses(self) -> list[tuple[str, str]]: ...
+
+    def link_mtu(self, ifname: str) -> int | None: ...
+
+    def ensure_vxlan(
+        self, device: str, vni: int, port: int, local_ip: str, underlay: str, mtu: int, mac: str
+    ) -> None: ...
+
+    def sync_tunnel(
+        self,
+        device: str,
+        routes: list[tuple[str, str]],
+        peers: list[tuple[str, str]] | None = None,
+    ) -> int: ...
+
+    def delete_link(self, ifname: str) -> bool: ...
+
+
 class EncapSync:
     """Agent hook: the VXLAN device, its forwarding entries and the routes to
     other hosts' blocks in encapsulated pools; IPIP routes likewise where the
     kernel has IPIP.  A pool mode this kernel lacks is reported (log and the
-    problems file ``calicnm status`` shows) instead of failing later."""
+    problems file ``calicnm status`` shows) instead of failing later.
+
+    ``tunnels`` carries the kernel operations (default: ``host.netlink``)."""
 
     __name__ = "encap"
 
-    def __init__(self, host: str, problems_path: str) -> None:
+    def __init__(self, host: str, problems_path: str, tunnels: Tunnels = netlink) -> None:
         self._host = host
         self._problems_path = problems_path
+        self._tunnels = tunnels
         self._support: dict[str, bool] = {}
-        self._reported: tuple[str, ...] = ()
+        self._reported: tuple[str, ...] | None = None
+        """What the problems file says; None until this process first wrote it,
+        so a file left by an earlier run is always rewritten."""
 
     def supported(self, kind: str) -> bool:
         if kind not in self._support:
-            self._support[kind] = kernel_supports(kind)
+            self._support[kind] = self._tunnels.kernel_supports(kind)
         return self._support[kind]
 
     def __call__(self, snapshot: Snapshot) -> bool:
@@ -111,7 +134,7 @@ class EncapSync:
             pools = [p for p in snapshot.pools if pool_mode(p) == mode]
             if not pools:
                 if mode == "vxlan":
-                    delete_link(VXLAN_DEVICE)
+                    self._tunnels.delete_link(VXLAN_DEVICE)
                 continue
             if not self.supported(mode):
                 names = ", ".join(str(p.cidr) for p in pools)
@@ -130,18 +153,20 @@ class EncapSync:
             )
             pairs = [(str(r.dst), r.via) for r in routes]
             if mode == "vxlan":
-                underlay = next((ifname for ifname, ip in host_addresses() if ip == me.ip), None)
+                underlay = next(
+                    (ifname for ifname, ip in self._tunnels.host_addresses() if ip == me.ip), None
+                )
                 if underlay is None:
                     problems.append(f"no interface holds this host's address {me.ip}")
                     continue
-                mtu = (link_mtu(underlay) or 1500) - VXLAN_OVERHEAD
-                ensure_vxlan(
+                mtu = (self._tunnels.link_mtu(underlay) or 1500) - VXLAN_OVERHEAD
+                self._tunnels.ensure_vxlan(
                     VXLAN_DEVICE, VXLAN_VNI, VXLAN_PORT, me.ip, underlay, mtu, vtep_mac(self._host)
                 )
                 peers = [(p.ip, p.mac) for p in vtep_peers(self._host, snapshot.hosts)]
-                sync_tunnel(device, pairs, peers)
+                self._tunnels.sync_tunnel(device, pairs, peers)
             else:
-                sync_tunnel(device, pairs)
+                self._tunnels.sync_tunnel(device, pairs)
         self._report(problems)
         return False
 
@@ -155,4 +180,4 @@ class EncapSync:
         self._reported = tuple(problems)
 
 
-__all__ = ["BgpSync", "EncapSync", "Host", "bird_input"]
+__all__ = ["BgpSync", "EncapSync", "Host", "Tunnels", "bird_input"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TypeVar
 
 from calicnm.errors import InvalidRequest, NotFound
 from calicnm.model import BgpConfig, Endpoint, effective_profiles
@@ -19,6 +20,8 @@ from calicnm.policy import Profile
 from calicnm.store import keys, records
 from calicnm.store.kv import KV, Store, create, update
 from calicnm.validation import check_name
+
+R = TypeVar("R")
 
 MIN_ID_PREFIX = 12
 """An endpoint may be named by a unique prefix of its id this long or longer
@@ -66,20 +69,41 @@ def update_profile(store: Store, name: str, change: Callable[[Profile], Profile]
     Returns the profile as written (no write when ``change`` changes nothing).
     NotFound if the profile is absent (or is deleted meanwhile)."""
     key = keys.profile(check_name(name, "profile name"))
-    written: list[Profile] = []
 
-    def edit(kv: KV | None) -> str | None:
-        if kv is None:
-            raise NotFound(f"Profile {name} not found.")
-        current = records.decode_profile(kv)
+    def renamed_never(current: Profile) -> Profile:
         updated = change(current)
         if updated.name != name:
             raise InvalidRequest(f"cannot rename profile {name} to {updated.name}")
-        written[:] = [updated]
-        return None if updated == current else updated.to_json()
+        return updated
 
-    update(store, key, edit, f"profile {name}")
-    return written[0]
+    return _update_record(
+        store, key, records.decode_profile, renamed_never, Profile.to_json, f"Profile {name}"
+    )
+
+
+def _update_record(
+    store: Store,
+    key: str,
+    decode: Callable[[KV], R],
+    change: Callable[[R], R],
+    encode: Callable[[R], str],
+    what: str,
+) -> R:
+    """Compare-and-swap the record at ``key`` to ``change(current)`` (no write
+    when nothing changes); NotFound naming ``what`` once the record is gone.
+    Returns the record as it is afterwards."""
+    result: list[R] = []
+
+    def edit(kv: KV | None) -> str | None:
+        if kv is None:
+            raise NotFound(f"{what} not found.")
+        current = decode(kv)
+        updated = change(current)
+        result[:] = [updated]
+        return None if updated == current else encode(updated)
+
+    update(store, key, edit, what)
+    return result[0]
 
 
 # ---- endpoints -----------------------------------------------------------------
@@ -129,18 +153,7 @@ def update_endpoint(
 ) -> Endpoint:
     """Compare-and-swap the endpoint record at ``key`` to ``change(current)``;
     NotFound once it is gone.  Returns the endpoint as it is afterwards."""
-    result: list[Endpoint] = []
-
-    def edit(kv: KV | None) -> str | None:
-        if kv is None:
-            raise NotFound(f"{what} was removed meanwhile.")
-        current = records.decode_endpoint(kv)
-        updated = change(current)
-        result[:] = [updated]
-        return None if updated == current else updated.to_json()
-
-    update(store, key, edit, what)
-    return result[0]
+    return _update_record(store, key, records.decode_endpoint, change, Endpoint.to_json, what)
 
 
 def update_endpoint_profiles(

@@ -126,14 +126,24 @@ def decode_block(kv: KV) -> Block:
     return _decoded(kv, BLOCK, lambda _p: Block.from_json(kv.value, revision=kv.revision))
 
 
-def decode_network(kv: KV) -> Network:
-    def build(parts: KeyParts) -> Network:
-        network = Network.from_json(kv.value)
-        if network.id != parts.name:
-            raise InvalidRequest(f"it names network {network.id[:12]!r}")
-        return network
+def _identified(
+    kv: KV, kind: str, parse: Callable[[str], T], identity: Callable[[T], tuple[str, str | None]]
+) -> T:
+    """Decode a record that names itself, and check it names what its key does
+    (its id, and its host for host-scoped kinds)."""
 
-    return _decoded(kv, NETWORK, build)
+    def build(parts: KeyParts) -> T:
+        record = parse(kv.value)
+        name, host = identity(record)
+        if name != parts.name or (parts.host is not None and host != parts.host):
+            raise InvalidRequest(f"it names {name!r}" + (f" on host {host!r}" if host else ""))
+        return record
+
+    return _decoded(kv, kind, build)
+
+
+def decode_network(kv: KV) -> Network:
+    return _identified(kv, NETWORK, Network.from_json, lambda n: (n.id, None))
 
 
 def decode_profile(kv: KV) -> Profile:
@@ -142,23 +152,11 @@ def decode_profile(kv: KV) -> Profile:
 
 
 def decode_endpoint(kv: KV) -> Endpoint:
-    def build(parts: KeyParts) -> Endpoint:
-        endpoint = Endpoint.from_json(kv.value)
-        if endpoint.id != parts.name or endpoint.host != parts.host:
-            raise InvalidRequest(f"it names endpoint {endpoint.id[:12]} on {endpoint.host}")
-        return endpoint
-
-    return _decoded(kv, ENDPOINT, build)
+    return _identified(kv, ENDPOINT, Endpoint.from_json, lambda e: (e.id, e.host))
 
 
 def decode_host(kv: KV) -> Host:
-    def build(parts: KeyParts) -> Host:
-        host = Host.from_json(kv.value)
-        if host.name != parts.host:
-            raise InvalidRequest(f"it names host {host.name!r}")
-        return host
-
-    return _decoded(kv, HOST, build)
+    return _identified(kv, HOST, Host.from_json, lambda h: (h.name, h.name))
 
 
 def decode_peer(kv: KV) -> Peer:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import CalicnmHost, single_host
+from lab.cluster import CalicnmHost, single_host
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
-"""Smoke test of bench/controlplane.py: ``--quick`` runs end to end and its report holds a
-number for every case.  Nothing is asserted about performance.
+"""Smoke test of the control-plane benchmark (``python -m bench.controlplane``): ``--quick``
+runs end to end and its report holds a number for every case.  Nothing is asserted about
+performance.
 
 The benchmark builds its own emulated host (traffic only between its containers) and a
 loopback etcd, and stops everything it started; on a timeout here it gets SIGTERM, which
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import run_quick_bench
+from tests.e2e.helpers import run_quick_bench
 
 pytestmark = [
     pytest.mark.e2e,
@@ -27,7 +28,7 @@ pytestmark = [
 ]
 
 EN_DASH = "\u2013"  # bench/report.py writes it for a missing figure
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "controlplane.py"
+MODULE = "bench.controlplane"
 TIMEOUT_S = 600
 
 
@@ -46,7 +47,7 @@ def assert_numbers(case: dict[str, Any], *paths: str) -> None:
 
 def test_quick_run_reports_every_case(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    returncode, output = run_quick_bench(BENCH, out, TIMEOUT_S)
+    returncode, output = run_quick_bench(MODULE, str(out), TIMEOUT_S)
     assert returncode is not None, f"timed out after {TIMEOUT_S} s:\n{output[-4000:]}"
     assert returncode == 0, output[-4000:]
 

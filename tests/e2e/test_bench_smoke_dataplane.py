@@ -1,4 +1,4 @@
-"""Smoke test of the data-plane benchmark (``bench/dataplane.py --quick``).
+"""Smoke test of the data-plane benchmark (``python -m bench.dataplane --quick``).
 
 It keeps the benchmark's harness from rotting: every case must still build, carry qperf
 traffic and land in the report.  It asserts no performance figure.
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import run_quick_bench
+from tests.e2e.helpers import run_quick_bench
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "dataplane.py"
+MODULE = "bench.dataplane"
 CASES = {
     "loopback",
     "veth",
@@ -44,9 +43,9 @@ def _require() -> None:
 def test_quick_run_writes_a_report_with_numbers_for_every_case(tmp_path: Path) -> None:
     _require()
     out = tmp_path / "report"
-    returncode, output = run_quick_bench(SCRIPT, out, TIMEOUT)
+    returncode, output = run_quick_bench(MODULE, str(out), TIMEOUT)
     if returncode is None:
-        pytest.fail(f"bench/dataplane.py --quick took over {TIMEOUT}s:\n{output[-4000:]}")
+        pytest.fail(f"{MODULE} --quick took over {TIMEOUT}s:\n{output[-4000:]}")
     assert returncode == 0, output[-4000:]
 
     assert (out / "dataplane.md").stat().st_size > 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.cluster import CalicnmHost, fabric_etcd, wait_until
-from tests.e2e.test_operator_flow import assert_nothing_left
-from tests.harness import DEFAULT_IMAGE, FABRIC_ADDRESS, Fabric
+from lab.cluster import CalicnmHost, wait_until
+from lab.etcd import fabric_etcd
+from lab.fabric import FABRIC_ADDRESS, Fabric
+from lab.images import DEFAULT_IMAGE
+from tests.e2e.helpers import assert_nothing_left
 
 
 def test_node_with_etcd_endpoints(tmp_path: Path) -> None:

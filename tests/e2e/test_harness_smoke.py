@@ -1,4 +1,5 @@
-"""Smoke tests for tests/harness.py: a fabric, one emulated Docker host, busybox containers.
+"""Smoke tests for the lab's fabric and dockerd: a fabric, one emulated Docker host, busybox
+containers.
 
 Each test builds and tears down its own topology inside the test body so that it can assert,
 after teardown, that nothing was left behind (namespaces, dockerd/containerd processes).
@@ -13,13 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
-    DEFAULT_IMAGE,
-    FABRIC_ADDRESS,
-    DockerHost,
-    Fabric,
-    pids_with_arg,
-)
+from lab.dockerd import DockerHost
+from lab.fabric import FABRIC_ADDRESS, Fabric
+from lab.images import DEFAULT_IMAGE
+from lab.procs import pids_with_arg
 
 pytestmark = [
     pytest.mark.e2e,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import CalicnmHost, Cluster, cluster, wait_until
-from tests.e2e.test_operator_flow import start_web
-from tests.harness import DEFAULT_IMAGE as IMG
+from lab.cluster import CalicnmHost, Cluster, cluster, wait_until
+from lab.images import DEFAULT_IMAGE as IMG
+from lab.paths import CALICNM
+from tests.e2e.helpers import start_web
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_route_reflector_topology(three: Cluster, tmp_path: Path) -> None:
     att = three.fabric.add_host()
     rr = att.host.process(
         [
-            str(Path(__file__).resolve().parents[2] / ".venv/bin/calicnm"),
+            CALICNM,
             "--etcd-endpoints",
             three.etcd_url,
             "route-reflector",

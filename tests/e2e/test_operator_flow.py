@@ -10,43 +10,11 @@ import re
 
 import pytest
 
-from tests.cluster import CalicnmHost, wait_until
-from tests.harness import DEFAULT_IMAGE
+from lab.cluster import CalicnmHost, wait_until
+from lab.images import DEFAULT_IMAGE
+from tests.e2e.helpers import assert_nothing_left, http_ok, start_web
 
 IMG = DEFAULT_IMAGE
-
-
-def assert_nothing_left(host: CalicnmHost) -> None:
-    """No veth, no /32 route, no allocation, no endpoint or network record."""
-    assert host.links("cali", "tmp") == []
-    assert [r for r in host.routes() if " dev cali" in r] == []
-    stored = host.etcd_keys()
-    assert [k for k in stored if "/endpoints/" in k] == []
-    assert [k for k in stored if "/networks/" in k] == []
-    for key, value in stored.items():
-        if "/ipam/v4/blocks/" in key:
-            assert json.loads(value)["allocations"] == {}, key
-
-
-def http_ok(host: CalicnmHost, network: str, ip: str) -> bool:
-    return host.fetch(network, f"http://{ip}/index.html").stdout.strip() == "hello"
-
-
-def start_web(host: CalicnmHost, name: str, network: str, *extra: str) -> str:
-    host.docker(
-        "run",
-        "-d",
-        "--net",
-        network,
-        "--name",
-        name,
-        *extra,
-        IMG,
-        "sh",
-        "-c",
-        "echo hello > /www/index.html && exec httpd -f -v -p 80 -h /www",
-    )
-    return host.ip_of(name, network)
 
 
 def test_operator_flow(host: CalicnmHost) -> None:

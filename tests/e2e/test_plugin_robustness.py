@@ -11,9 +11,9 @@ import stat
 import subprocess
 import time
 
-from tests.cluster import CalicnmHost, wait_until
-from tests.e2e.test_operator_flow import assert_nothing_left
-from tests.harness import DEFAULT_IMAGE as IMG
+from lab.cluster import CalicnmHost, wait_until
+from lab.images import DEFAULT_IMAGE as IMG
+from tests.e2e.helpers import assert_nothing_left
 
 
 def post(path: str, method: str, body: bytes) -> tuple[int, dict]:

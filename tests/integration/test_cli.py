@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from tests.conftest import VENV_BIN
+from tests.integration.cli_runner import run
 
 pytestmark = pytest.mark.etcd
-
-
-def run(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The real calicnm command against ``url``, with a clean environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "CALICNM"))}
-    env.update(ETCD_ENDPOINTS=url, CALICNM_HOSTNAME="cli-host")
-    return subprocess.run(
-        [os.path.join(VENV_BIN, "calicnm"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        input=stdin,
-        timeout=60,
-    )
 
 
 def test_pool_commands(etcd_store, etcd_server):

@@ -11,7 +11,7 @@ import pytest
 from calicnm.model import Endpoint, Network
 from calicnm.policy import Profile
 from calicnm.store import keys
-from tests.integration.test_cli import run
+from tests.integration.cli_runner import run
 
 pytestmark = pytest.mark.etcd
 

@@ -12,7 +12,7 @@ import pytest
 from calicnm.config import Config
 from calicnm.errors import DatastoreUnavailable, InvalidRequest
 from calicnm.wiring import build_store
-from tests.conftest import free_port
+from lab.etcd import free_port
 
 pytestmark = pytest.mark.etcd
 

@@ -25,7 +25,7 @@ from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Pool
 from calicnm.node.agent import Agent
 from calicnm.store import keys
-from tests.conftest import VENV_BIN
+from lab.paths import VENV_BIN
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
 

@@ -5,30 +5,43 @@ dockerd; teardown is the reverse, so Docker can still reach the plugin
 while it removes containers.  Every step is undone even when a later one
 fails, and nothing is left behind: containers, dockerd, the node (and its
 embedded etcd), veths and namespaces.
+
+The node runs with :data:`NodeSettings` ``"test"`` (DEBUG logs, a 3 s full resync, so that
+tests finish fast) or ``"product"`` (the product's defaults: INFO logs, 30 s resync; what a
+benchmark wants, since the test settings are CPU noise a real node does not make).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
 
-from tests.harness import DEFAULT_IMAGE, FABRIC_ADDRESS, DockerHost, Fabric, Netns, Process
+from lab.dockerd import DockerHost
+from lab.etcd import FABRIC_ETCD_URL, fabric_etcd
+from lab.fabric import Fabric
+from lab.images import DEFAULT_IMAGE
+from lab.netns import Netns
+from lab.paths import CALICNM
+from lab.procs import Cleanup, Managed, Process
 
-REPO = Path(__file__).resolve().parents[1]
-CALICNM = str(REPO / ".venv" / "bin" / "calicnm")
+__all__ = ["CalicnmHost", "Cluster", "NodeSettings", "cluster", "single_host", "wait_until"]
+
+NodeSettings = Literal["test", "product"]
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; bounded in time."""
+    """Poll ``check`` until it returns something truthy; bounded in time.
+
+    Returns that value; raises ``AssertionError`` (with the last value) after ``timeout``.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -39,8 +52,14 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-class CalicnmHost:
-    """One emulated host.  ``docker``/``calicnm``/``sh`` run commands on it."""
+class CalicnmHost(Managed):
+    """One emulated host.  ``docker``/``calicnm``/``sh`` run commands on it.
+
+    :meth:`start` either fully succeeds or undoes what it did (as :meth:`close`) and
+    re-raises.  :meth:`close` is idempotent and runs every step (dockerd, then the node);
+    failures are raised at the end as one :class:`~lab.procs.TeardownError` if
+    ``raise_errors``.  The namespace belongs to the caller (usually the fabric).
+    """
 
     def __init__(
         self,
@@ -49,12 +68,14 @@ class CalicnmHost:
         workdir: Path,
         hostname: str,
         etcd_endpoints: str | None = None,
+        node_settings: NodeSettings = "test",
     ) -> None:
         self.netns = netns
         self.address = address
         self.hostname = hostname
         self.workdir = workdir
         self.etcd_endpoints = etcd_endpoints
+        self.node_settings = node_settings
         self.dockerd = DockerHost(netns, workdir / "docker")
         self.node: Process | None = None
         self.state_dir = workdir / "state"
@@ -69,10 +90,12 @@ class CalicnmHost:
             CALICNM_HOSTNAME=self.hostname,
             CALICNM_SOCKET=str(self.socket),
             CALICNM_STATE_DIR=str(self.state_dir),
-            CALICNM_LOG_LEVEL="DEBUG",
-            CALICNM_RESYNC_INTERVAL="3",
             DOCKER_HOST=f"unix://{self.dockerd.sock}",
         )
+        if self.node_settings == "test":
+            env.update(CALICNM_LOG_LEVEL="DEBUG", CALICNM_RESYNC_INTERVAL="3")
+        else:
+            env.update(CALICNM_LOG_LEVEL="INFO")
         if self.etcd_endpoints:
             env["ETCD_ENDPOINTS"] = self.etcd_endpoints
         return env
@@ -107,22 +130,25 @@ class CalicnmHost:
         rc = self.node.stop(sig=sig, timeout=30)
         return rc
 
-    def start(self) -> CalicnmHost:
-        self.dockerd.prepare()
-        self.start_node()
-        self.dockerd.start()
-        self.dockerd.import_busybox()
+    def start(self) -> Self:
+        try:
+            self.dockerd.prepare()
+            self.start_node()
+            self.dockerd.start()
+            self.dockerd.import_busybox()
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
         return self
 
-    def close(self) -> None:
-        errors: list[BaseException] = []
-        for step in (self.dockerd.stop, self.stop_node):
-            try:
-                step()
-            except BaseException as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+    def close(self, raise_errors: bool = True) -> None:
+        cleanup = Cleanup(f"host {self.hostname}")
+        cleanup.step("stopping dockerd", self.dockerd.stop)
+        cleanup.step("stopping the node", self.stop_node)
+        cleanup.finish(raise_errors)
+
+    _open = start
+    _close = close
 
     # ---- commands --------------------------------------------------------
 
@@ -201,8 +227,6 @@ class CalicnmHost:
             ],
             env={**os.environ, "ETCDCTL_API": "3"},
         ).stdout
-        import base64
-
         kvs = json.loads(out).get("kvs", [])
         return {
             base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
@@ -211,113 +235,77 @@ class CalicnmHost:
 
 
 @contextlib.contextmanager
-def single_host(workdir: Path, hostname: str = "host1") -> Iterator[CalicnmHost]:
+def single_host(
+    workdir: Path, hostname: str = "host1", node_settings: NodeSettings = "test"
+) -> Iterator[CalicnmHost]:
     """A fabric with one calicnm host using the node's embedded etcd."""
     with Fabric() as fabric:
         att = fabric.add_host()
-        host = CalicnmHost(att.host, att.address, workdir, hostname)
-        try:
-            yield host.start()
-        finally:
-            host.close()
+        with CalicnmHost(
+            att.host, att.address, workdir, hostname, node_settings=node_settings
+        ) as host:
+            yield host
 
 
-def fabric_etcd(fabric: Fabric, workdir: Path) -> Process:
-    """An etcd in the fabric namespace at FABRIC_ADDRESS:2379, as a datacenter
-    etcd on its own machine; hosts reach it over the underlay."""
-    url = f"http://{FABRIC_ADDRESS}:2379"
-    peer = f"http://{FABRIC_ADDRESS}:2380"
-    argv = [
-        "etcd",
-        "--name",
-        "dc",
-        "--data-dir",
-        str(workdir / "etcd"),
-        "--listen-client-urls",
-        url,
-        "--advertise-client-urls",
-        url,
-        "--listen-peer-urls",
-        peer,
-        "--initial-advertise-peer-urls",
-        peer,
-        "--initial-cluster",
-        f"dc={peer}",
-    ]
-    return fabric.netns.process(argv, workdir / "etcd.log").start()
-
-
-class Cluster:
+class Cluster(Managed):
     """A fabric, an etcd on it (in the fabric namespace, as a datacenter etcd on
-    its own machine) and ``n`` calicnm hosts using that etcd."""
+    its own machine) and ``n`` calicnm hosts using that etcd, named ``host1`` .. ``hostN``
+    with workdirs of the same names under ``workdir``.
 
-    def __init__(self, workdir: Path, n: int) -> None:
+    :meth:`start` either fully succeeds or undoes what it did (as :meth:`close`) and
+    re-raises.  :meth:`close` is idempotent and runs every step: hosts (newest first), the
+    etcd, then the fabric with the hosts' namespaces; failures are raised at the end as one
+    :class:`~lab.procs.TeardownError` if ``raise_errors``.
+    """
+
+    def __init__(self, workdir: Path, n: int, node_settings: NodeSettings = "test") -> None:
         self.workdir = workdir
         self.n = n
+        self.node_settings = node_settings
         self.fabric = Fabric()
         self.hosts: list[CalicnmHost] = []
         self.etcd: Process | None = None
 
     @property
     def etcd_url(self) -> str:
-        return f"http://{FABRIC_ADDRESS}:2379"
+        return FABRIC_ETCD_URL
 
-    def start(self) -> Cluster:
-        self.fabric.create()
-        url = self.etcd_url
-        self.etcd = fabric_etcd(self.fabric, self.workdir)
-        for i in range(self.n):
-            att = self.fabric.add_host()
-            host = CalicnmHost(
-                att.host,
-                att.address,
-                self.workdir / f"host{i + 1}",
-                f"host{i + 1}",
-                etcd_endpoints=url,
-            )
-            self.hosts.append(host)
-            host.start()
+    def start(self) -> Self:
+        try:
+            self.fabric.create()
+            self.etcd = fabric_etcd(self.fabric, self.workdir)
+            for i in range(self.n):
+                att = self.fabric.add_host()
+                host = CalicnmHost(
+                    att.host,
+                    att.address,
+                    self.workdir / f"host{i + 1}",
+                    f"host{i + 1}",
+                    etcd_endpoints=self.etcd_url,
+                    node_settings=self.node_settings,
+                )
+                self.hosts.append(host)
+                host.start()
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
         return self
 
-    def close(self) -> None:
-        errors: list[BaseException] = []
+    def close(self, raise_errors: bool = True) -> None:
+        cleanup = Cleanup(f"cluster in {self.workdir}")
         for host in reversed(self.hosts):
-            try:
-                host.close()
-            except BaseException as exc:  # keep tearing down the rest
-                errors.append(exc)
+            cleanup.step(f"closing {host.hostname}", host.close)
         if self.etcd is not None:
-            self.etcd.stop()
-        self.fabric.close()
-        if errors:
-            raise errors[0]
+            cleanup.step("stopping the fabric etcd", self.etcd.stop)
+        cleanup.step("closing the fabric", self.fabric.close)
+        cleanup.finish(raise_errors)
+
+    _open = start
+    _close = close
 
 
 @contextlib.contextmanager
-def cluster(workdir: Path, n: int) -> Iterator[Cluster]:
-    c = Cluster(workdir, n)
-    try:
-        yield c.start()
-    finally:
-        c.close()
-
-
-def run_quick_bench(script: Path, out: Path, timeout: float = 600) -> tuple[int | None, str]:
-    """Run ``script --quick --out OUT``; (exit status, output), or (None, output)
-    if it timed out.  On a timeout it gets SIGTERM, which unwinds its teardown,
-    and only then SIGKILL, so nothing it built outlives the test."""
-    argv = [sys.executable, str(script), "--quick", "--out", str(out)]
-    with subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-            return proc.returncode, output
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                output, _ = proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
-            return None, output
+def cluster(workdir: Path, n: int, node_settings: NodeSettings = "test") -> Iterator[Cluster]:
+    """A started :class:`Cluster`, closed on leaving the ``with`` block."""
+    with Cluster(workdir, n, node_settings) as c:
+        yield c
