@@ -34,7 +34,7 @@ ONLY_IMPORTER = {
     },
 }
 
-PURE = {
+CORE_MODULES = {
     "calicnm.errors",
     "calicnm.validation",
     "calicnm.model",
@@ -42,6 +42,10 @@ PURE = {
     "calicnm.policy",
     "calicnm.endpoint",
     "calicnm.profiles",
+}
+"""The pure core: top-level modules that take values and return values."""
+
+PURE = CORE_MODULES | {
     "calicnm.ipam",
     "calicnm.store.keys",
     "calicnm.store.kv",
@@ -72,17 +76,6 @@ LAYERS: dict[str, int] = {
 """A module imports from its own group or from a group of a lower layer.
 Groups on one layer (``store`` and ``host``) do not import each other."""
 
-CORE_MODULES = {
-    "calicnm",
-    "calicnm.errors",
-    "calicnm.validation",
-    "calicnm.model",
-    "calicnm.blocks",
-    "calicnm.policy",
-    "calicnm.endpoint",
-    "calicnm.profiles",
-}
-
 
 def module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -92,7 +85,7 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def group(module: str) -> str:
-    if module in CORE_MODULES:
+    if module == "calicnm" or module in CORE_MODULES:
         return CORE
     for name in sorted(LAYERS, key=len, reverse=True):
         if module == name or module.startswith(name + "."):
