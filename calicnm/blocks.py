@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from calicnm.errors import AddressInUse, InvalidRequest
-from calicnm.model import IPv4Address, IPv4Network
+from calicnm.model import IPv4Address, IPv4Network, parse_network
+from calicnm.validation import check_hostname, check_text
 
 KIND_ENDPOINT = "endpoint"
 KIND_GATEWAY = "gateway"
@@ -136,23 +137,46 @@ class Block:
 
     @classmethod
     def from_json(cls, raw: str | bytes, revision: int = 0) -> Block:
+        """A block whose every field checks out and whose ordinals are each
+        either allocated or free, exactly once."""
         try:
             data = json.loads(raw)
-            cidr = IPv4Network(data["cidr"])
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            cidr = parse_network(data["cidr"], "block cidr")
             affinity = data.get("affinity")
             if affinity is not None:
-                affinity = str(affinity).removeprefix("host:")
+                affinity = check_hostname(check_text(affinity, "affinity").removeprefix("host:"))
             allocations = {
-                int(o): Allocation(handle=str(a["handle"]), kind=str(a.get("kind", KIND_ENDPOINT)))
+                _ordinal(o): Allocation(
+                    handle=check_text(a["handle"], "handle", 200),
+                    kind=_kind(a.get("kind", KIND_ENDPOINT)),
+                )
                 for o, a in (data.get("allocations") or {}).items()
             }
-            unallocated = tuple(int(o) for o in data.get("unallocated") or ())
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidRequest(f"stored block is malformed: {raw!r:.80}") from exc
+            unallocated = tuple(_ordinal(o) for o in data.get("unallocated") or ())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise InvalidRequest(f"stored block is malformed ({exc}): {raw!r:.80}") from exc
         block = cls(cidr, affinity, allocations, unallocated, revision)
         every = set(allocations) | set(unallocated)
-        if len(every) != block.size or len(allocations) + len(unallocated) != block.size:
+        if every != set(range(block.size)) or len(allocations) + len(unallocated) != block.size:
             raise InvalidRequest(
                 f"stored block {cidr} breaks its invariant (lost or doubled ordinals)"
             )
         return block
+
+
+KINDS = (KIND_ENDPOINT, KIND_GATEWAY, KIND_AUX, KIND_HOST)
+
+
+def _kind(value: object) -> str:
+    if value not in KINDS:
+        raise InvalidRequest(f"allocation kind {value!r} is not one of {', '.join(KINDS)}")
+    return str(value)
+
+
+def _ordinal(value: object) -> int:
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidRequest(f"ordinal {value!r} is not a number")
+    return int(text)

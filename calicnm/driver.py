@@ -29,17 +29,23 @@ from calicnm.endpoint import (
     choose_gateway,
     derive_mac,
     join_response,
-    normalise_mac,
     plan_link,
 )
 from calicnm.errors import CalicnmError, DataplaneError, InvalidRequest, NotFound, Unsupported
 from calicnm.ipam import Allocator, PoolRef
-from calicnm.model import Endpoint, IPv4Network, Network, parse_address, parse_network
+from calicnm.model import (
+    NETWORK_OPTIONS,
+    Endpoint,
+    IPv4Network,
+    Network,
+    parse_address,
+    parse_network,
+)
 from calicnm.routing.encap import overhead
 from calicnm.store import keys, records
 from calicnm.store.edits import ensure_profile
 from calicnm.store.kv import Store, create
-from calicnm.validation import check_id, check_name
+from calicnm.validation import check_id, check_mac, check_name
 
 _log = logging.getLogger(__name__)
 
@@ -51,12 +57,6 @@ GENERIC_OPTIONS = "com.docker.network.generic"
 PENDING_HANDLE = "docker-pending"
 """Owner of an address Docker asked for but no endpoint has claimed yet
 (an aux address, or an endpoint between RequestAddress and CreateEndpoint)."""
-
-NETWORK_OPTIONS = {
-    "profile": "name of the profile (defaults to the Docker network name)",
-    "mtu": "MTU of the container interfaces (576-9000)",
-    "com.docker.network.driver.mtu": "same as mtu",
-}
 
 
 def _obj(body: Any, what: str = "request body") -> dict[str, Any]:
@@ -305,7 +305,7 @@ class Driver:
             raise Unsupported("calicnm does not support IPv6 yet")
         address = parse_address(_str(iface, "Address"), "Interface.Address")
         given_mac = _str(iface, "MacAddress", required=False)
-        mac = normalise_mac(given_mac) if given_mac else derive_mac(endpoint_id)
+        mac = check_mac(given_mac) if given_mac else derive_mac(endpoint_id)
         network = self.network(network_id)
         _profile, mtu = parse_network_options(network.options)
         plan = plan_link(endpoint_id, mac, (address,))

@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from calicnm.errors import InvalidRequest
-from calicnm.model import IPv4Address
+from calicnm.model import GATEWAY_BASE, GATEWAY_LIMIT, IPv4Address
 
 HOST_PREFIX = "cali"
 PEER_PREFIX = "tmp"
 ID_CHARS = 11
 """cali + 11 = 15 characters, the kernel's IFNAMSIZ limit less the NUL."""
-
-GATEWAY_BASE = ipaddress.IPv4Address("169.254.1.1")
-GATEWAY_LIMIT = 250
-"""At most this many calicnm interfaces in one container (169.254.1.1-250)."""
 
 
 def host_ifname(endpoint_id: str) -> str:
@@ -44,18 +39,6 @@ def derive_mac(endpoint_id: str) -> str:
     """A stable, locally administered unicast MAC (first octet 0xee)."""
     digest = hashlib.sha256(endpoint_id.encode()).digest()
     return ":".join(f"{b:02x}" for b in (0xEE, *digest[:5]))
-
-
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-
-
-def normalise_mac(value: str) -> str:
-    mac = value.strip().lower().replace("-", ":")
-    if not _MAC_RE.match(mac):
-        raise InvalidRequest(f"MacAddress {value!r} is not a MAC address")
-    if int(mac[:2], 16) & 1:
-        raise InvalidRequest(f"MacAddress {value!r} is a multicast address")
-    return mac
 
 
 def choose_gateway(in_use: set[str]) -> str:

@@ -14,6 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calicnm.errors import InvalidRequest
+from calicnm.validation import (
+    check_bool,
+    check_host_ip,
+    check_hostname,
+    check_id,
+    check_int,
+    check_mac,
+    check_name,
+    check_object,
+    check_text,
+)
 
 IPv4Network = ipaddress.IPv4Network
 IPv4Address = ipaddress.IPv4Address
@@ -25,14 +36,45 @@ DEFAULT_POOL = IPv4Network("192.168.0.0/16")
 """Created at node start unless disabled, as Calico did."""
 
 
-def _load(raw: str | bytes, what: str) -> dict[str, Any]:
+def _load(raw: str | bytes, what: str, known: tuple[str, ...]) -> dict[str, Any]:
+    """A stored JSON object with only ``known`` fields; InvalidRequest else."""
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"stored {what} is not JSON: {raw!r:.80}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"stored {what} is not a JSON object: {raw!r:.80}")
-    return data
+    return check_object(data, f"stored {what}", known)
+
+
+def _required(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} is missing or not a string")
+    return value
+
+
+def _optional_name(value: object, what: str) -> str | None:
+    return None if value is None else check_name(value, what)
+
+
+def _endpoint_address(text: object) -> IPv4Address:
+    if not isinstance(text, str) or not text.endswith("/32"):
+        raise InvalidRequest(f"ipv4_nets entry {text!r} is not an a.b.c.d/32")
+    addr = parse_address(text, "ipv4_nets entry")
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
+        raise InvalidRequest(f"ipv4_nets entry {text!r} cannot be a container address")
+    return addr
+
+
+GATEWAY_BASE = ipaddress.IPv4Address("169.254.1.1")
+GATEWAY_LIMIT = 250
+"""At most this many calicnm interfaces in one container (169.254.1.1-250)."""
+
+
+def _gateway(text: object) -> IPv4Address:
+    addr = parse_address(text if isinstance(text, str) else "", "gateway")
+    if not 0 <= int(addr) - int(GATEWAY_BASE) < GATEWAY_LIMIT:
+        raise InvalidRequest(f"gateway {text!r} is not one of calicnm's link-local gateways")
+    return addr
 
 
 def _dump(data: dict[str, Any]) -> str:
@@ -41,6 +83,8 @@ def _dump(data: dict[str, Any]) -> str:
 
 def parse_network(text: str, what: str = "CIDR") -> IPv4Network:
     """Parse a strict IPv4 CIDR (host bits must be zero) or raise InvalidRequest."""
+    if not isinstance(text, str) or not text.isascii():
+        raise InvalidRequest(f"{what} {text!r} is not a valid network")
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
@@ -52,6 +96,8 @@ def parse_network(text: str, what: str = "CIDR") -> IPv4Network:
 
 def parse_address(text: str, what: str = "address") -> IPv4Address:
     """Parse an IPv4 address, accepting and ignoring a ``/prefix`` suffix."""
+    if not isinstance(text, str) or not text.isascii():
+        raise InvalidRequest(f"{what} {text!r} is not a valid IP address")
     bare = text.split("/", 1)[0].strip()
     try:
         addr = ipaddress.ip_address(bare)
@@ -60,6 +106,44 @@ def parse_address(text: str, what: str = "address") -> IPv4Address:
     if not isinstance(addr, IPv4Address):
         raise InvalidRequest(f"{what} {text!r}: IPv6 is not supported by calicnm yet")
     return addr
+
+
+VXLAN_DEVICE = "vxlan.calicnm"
+VXLAN_VNI = 4096
+VXLAN_PORT = 4789
+"""The VXLAN device, network id and port every host of a cluster agrees on."""
+
+ANY_NETWORK = "0.0.0.0/0"
+"""What Docker records as the pool of a network created without --subnet."""
+
+POOL_FIELDS = ("cidr", "block_prefix", "nat_outgoing", "ipip", "vxlan", "disabled")
+NETWORK_FIELDS = (
+    "id",
+    "options",
+    "ipv4_pools",
+    "ipv4_gateway",
+    "docker_name",
+    "profile",
+    "internal",
+)
+ENDPOINT_FIELDS = (
+    "id",
+    "host",
+    "network_id",
+    "interface",
+    "peer",
+    "mac",
+    "ipv4_nets",
+    "sandbox",
+    "gateway",
+    "profiles",
+)
+NETWORK_OPTIONS = {
+    "profile": "name of the profile (defaults to the Docker network name)",
+    "mtu": "MTU of the container interfaces (576-9000)",
+    "com.docker.network.driver.mtu": "same as mtu",
+}
+"""The ``-o`` options a calicnm network takes."""
 
 
 @dataclass(frozen=True)
@@ -109,18 +193,15 @@ class Pool:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Pool:
-        data = _load(raw, "pool")
-        try:
-            return cls(
-                cidr=IPv4Network(data["cidr"]),
-                block_prefix=int(data.get("block_prefix", DEFAULT_BLOCK_PREFIX)),
-                nat_outgoing=bool(data.get("nat_outgoing", False)),
-                ipip=bool(data.get("ipip", False)),
-                vxlan=bool(data.get("vxlan", False)),
-                disabled=bool(data.get("disabled", False)),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise InvalidRequest(f"stored pool is malformed: {raw!r:.80}") from exc
+        data = _load(raw, "pool", POOL_FIELDS)
+        flags = {f: check_bool(data.get(f, False), f) for f in POOL_FIELDS[2:]}
+        return cls(
+            cidr=parse_network(_required(data, "cidr"), "pool cidr"),
+            block_prefix=check_int(
+                data.get("block_prefix", DEFAULT_BLOCK_PREFIX), "block_prefix", 20, 32
+            ),
+            **flags,
+        )
 
 
 @dataclass(frozen=True)
@@ -147,7 +228,7 @@ class Network:
     @property
     def subnets(self) -> list[IPv4Network]:
         """The operator's ``--subnet`` values (empty when calicnm chose)."""
-        return [IPv4Network(p) for p in self.ipv4_pools if p != "0.0.0.0/0"]
+        return [IPv4Network(p) for p in self.ipv4_pools if p != ANY_NETWORK]
 
     def to_json(self) -> str:
         return _dump(
@@ -164,19 +245,24 @@ class Network:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Network:
-        data = _load(raw, "network")
-        try:
-            return cls(
-                id=str(data["id"]),
-                options={str(k): str(v) for k, v in (data.get("options") or {}).items()},
-                ipv4_pools=tuple(str(p) for p in data.get("ipv4_pools") or ()),
-                ipv4_gateway=data.get("ipv4_gateway"),
-                docker_name=data.get("docker_name"),
-                profile=data.get("profile"),
-                internal=bool(data.get("internal", False)),
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise InvalidRequest(f"stored network is malformed: {raw!r:.80}") from exc
+        data = _load(raw, "network", NETWORK_FIELDS)
+        options = check_object(data.get("options") or {}, "options", tuple(NETWORK_OPTIONS))
+        pools = data.get("ipv4_pools") or []
+        if not isinstance(pools, list) or len(pools) > 8:
+            raise InvalidRequest("ipv4_pools must be a list of at most 8 CIDRs")
+        gateway = data.get("ipv4_gateway")
+        return cls(
+            id=check_id(data.get("id"), "network id"),
+            options={k: check_text(v, f"option {k}", 256) for k, v in options.items()},
+            ipv4_pools=tuple(
+                p if p == ANY_NETWORK else str(parse_network(p, "ipv4_pools entry"))
+                for p in (check_text(p, "ipv4_pools entry", 64) for p in pools)
+            ),
+            ipv4_gateway=None if gateway is None else check_text(gateway, "ipv4_gateway", 64),
+            docker_name=_optional_name(data.get("docker_name"), "docker_name"),
+            profile=_optional_name(data.get("profile"), "profile"),
+            internal=check_bool(data.get("internal", False), "internal"),
+        )
 
 
 @dataclass(frozen=True)
@@ -219,23 +305,31 @@ class Endpoint:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Endpoint:
-        data = _load(raw, "endpoint")
-        try:
-            profiles = data.get("profiles")
-            return cls(
-                id=str(data["id"]),
-                host=str(data["host"]),
-                network_id=str(data["network_id"]),
-                interface=str(data["interface"]),
-                peer=str(data["peer"]),
-                mac=str(data["mac"]),
-                ipv4=tuple(parse_address(n) for n in data.get("ipv4_nets") or ()),
-                sandbox=data.get("sandbox"),
-                gateway=data.get("gateway"),
-                profiles=None if profiles is None else tuple(str(p) for p in profiles),
-            )
-        except (KeyError, TypeError) as exc:
-            raise InvalidRequest(f"stored endpoint is malformed: {raw!r:.80}") from exc
+        """Every field checked; the interface names must be the ones derived
+        from the id (``records.decode_endpoint`` checks that, with the key)."""
+        data = _load(raw, "endpoint", ENDPOINT_FIELDS)
+        nets = data.get("ipv4_nets")
+        if not isinstance(nets, list) or not 1 <= len(nets) <= 16:
+            raise InvalidRequest("ipv4_nets must be a list of 1-16 addresses")
+        profiles = data.get("profiles")
+        if profiles is not None and (not isinstance(profiles, list) or len(profiles) > 64):
+            raise InvalidRequest("profiles must be a list of at most 64 names")
+        sandbox = data.get("sandbox")
+        gateway = data.get("gateway")
+        return cls(
+            id=check_id(data.get("id"), "endpoint id"),
+            host=check_hostname(data.get("host")),
+            network_id=check_id(data.get("network_id"), "network id"),
+            interface=check_text(data.get("interface"), "interface", 15),
+            peer=check_text(data.get("peer"), "peer", 15),
+            mac=check_mac(data.get("mac"), "mac"),
+            ipv4=tuple(_endpoint_address(n) for n in nets),
+            sandbox=None if sandbox is None else check_text(sandbox, "sandbox"),
+            gateway=None if gateway is None else str(_gateway(gateway)),
+            profiles=None
+            if profiles is None
+            else tuple(check_name(p, "profile name") for p in profiles),
+        )
 
 
 @dataclass(frozen=True)
@@ -251,16 +345,13 @@ class Host:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Host:
-        data = _load(raw, "host")
-        try:
-            as_num = data.get("as_num")
-            return cls(
-                name=str(data["name"]),
-                ip=data.get("ip"),
-                as_num=None if as_num is None else int(as_num),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(f"stored host is malformed: {raw!r:.80}") from exc
+        data = _load(raw, "host", ("name", "ip", "as_num"))
+        ip, as_num = data.get("ip"), data.get("as_num")
+        return cls(
+            name=check_hostname(data.get("name")),
+            ip=None if ip is None else check_host_ip(ip),
+            as_num=None if as_num is None else check_as(as_num),
+        )
 
 
 def effective_profiles(endpoint: Endpoint, network: Network | None) -> tuple[str, ...]:
@@ -281,10 +372,11 @@ DEFAULT_AS = 64511
 
 
 def check_as(value: object) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise InvalidRequest(f"AS number {value!r} is not a number") from None
+    """An AS number, given as an integer or as decimal digits."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidRequest(f"AS number {value!r} is not a number")
+    number = int(text)
     if not 1 <= number <= 4294967295:
         raise InvalidRequest(f"AS number {number} is outside 1-4294967295")
     return number
@@ -292,23 +384,56 @@ def check_as(value: object) -> int:
 
 @dataclass(frozen=True)
 class BgpConfig:
-    """Global settings: ``/calicnm/v1/bgp/config``."""
+    """Global settings: ``/calicnm/v1/bgp/config``.
+
+    ``password`` is the TCP MD5 secret every session uses (None: none);
+    ``ttl_security`` turns on GTSM (RFC 5082) for the sessions between hosts.
+    """
 
     node_mesh: bool = True
     as_num: int = DEFAULT_AS
+    password: str | None = None
+    ttl_security: bool = False
 
     def to_json(self) -> str:
-        return json.dumps({"node_mesh": self.node_mesh, "as_num": self.as_num}, sort_keys=True)
+        return _dump(
+            {
+                "node_mesh": self.node_mesh,
+                "as_num": self.as_num,
+                "password": self.password,
+                "ttl_security": self.ttl_security,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes | None) -> BgpConfig:
         if not raw:
             return cls()
-        try:
-            data = json.loads(raw)
-            return cls(bool(data.get("node_mesh", True)), check_as(data.get("as_num", DEFAULT_AS)))
-        except (ValueError, AttributeError) as exc:
-            raise InvalidRequest(f"stored BGP config is malformed: {raw!r:.80}") from exc
+        data = _load(raw, "BGP config", ("node_mesh", "as_num", "password", "ttl_security"))
+        password = data.get("password")
+        return cls(
+            node_mesh=check_bool(data.get("node_mesh", True), "node_mesh"),
+            as_num=check_as(data.get("as_num", DEFAULT_AS)),
+            password=None if password is None else check_bgp_password(password),
+            ttl_security=check_bool(data.get("ttl_security", False), "ttl_security"),
+        )
+
+
+def check_bgp_password(value: object) -> str:
+    """A TCP MD5 secret BIRD can quote: 1-80 printable ASCII characters
+    without quotes or backslashes."""
+    ok = (
+        isinstance(value, str)
+        and 1 <= len(value) <= 80
+        and value.isascii()
+        and value.isprintable()
+        and not any(c in value for c in '"\\')
+    )
+    if not ok:
+        raise InvalidRequest(
+            "a BGP password must be 1-80 printable ASCII characters without quotes or backslashes"
+        )
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -317,16 +442,13 @@ class Peer:
     as_num: int
 
     def to_json(self) -> str:
-        return json.dumps({"ip": self.ip, "as_num": self.as_num}, sort_keys=True)
+        return _dump({"ip": self.ip, "as_num": self.as_num})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Peer:
-        try:
-            data = json.loads(raw)
-            return cls(str(parse_address(str(data["ip"]))), check_as(data["as_num"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidRequest(f"stored BGP peer is malformed: {raw!r:.80}") from exc
+        data = _load(raw, "BGP peer", ("ip", "as_num"))
+        return cls(check_host_ip(data.get("ip"), "peer address"), check_as(data.get("as_num")))
 
     @classmethod
     def parse(cls, ip: str, as_num: str) -> Peer:
-        return cls(str(parse_address(ip, "peer address")), check_as(as_num))
+        return cls(check_host_ip(ip, "peer address"), check_as(as_num))

@@ -37,6 +37,13 @@ MATCH_FIELDS = (
 )
 KNOWN_FIELDS = ("action", *MATCH_FIELDS, *(f"!{m}" for m in MATCH_FIELDS))
 DIRECTIONS = ("inbound", "outbound")
+MAX_PORTS = 256
+"""Ports and ranges in one rule's port list: each list compiles to
+multiport matches of 15, and positive source and destination lists
+multiply, so the bound keeps one rule to a few hundred iptables lines."""
+MAX_RULES = 1000
+"""Rules in one direction of one profile."""
+MAX_TAGS = 256
 
 
 def _port(value: object, where: str, problems: list[str]) -> int | str | None:
@@ -63,7 +70,7 @@ def _port(value: object, where: str, problems: list[str]) -> int | str | None:
 def _protocol(value: object, where: str, problems: list[str]) -> str | None:
     if isinstance(value, str) and value.lower() in PROTOCOL_NAMES:
         return value.lower()
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 255:
         for name, number in PROTOCOL_NAMES.items():
@@ -110,6 +117,9 @@ class Rule:
                     problems.append(f"{key}: {value!r} is not a tag name")
             elif base in ("src_ports", "dst_ports"):
                 items = value if isinstance(value, list) else [value]
+                if len(items) > MAX_PORTS:
+                    problems.append(f"{key}: more than {MAX_PORTS} ports or ranges")
+                    continue
                 ports = [_port(p, key, problems) for p in items]
                 canon = [p for p in ports if p is not None] or None
                 if not items:
@@ -232,8 +242,8 @@ class Profile:
         pname = check_name(name or data.get("id"), "profile name")
         tags = data.get("tags")
         tags = [] if tags is None else tags
-        if not isinstance(tags, list):
-            raise InvalidRequest("tags must be a list")
+        if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+            raise InvalidRequest(f"tags must be a list of at most {MAX_TAGS} names")
         problems = []
         rules: dict[str, list[Rule]] = {"inbound": [], "outbound": []}
         for direction in DIRECTIONS:
@@ -243,6 +253,9 @@ class Profile:
             items = [] if items is None else items
             if not isinstance(items, list):
                 problems.append(f"{direction}_rules must be a list")
+                continue
+            if len(items) > MAX_RULES:
+                problems.append(f"{direction}_rules: more than {MAX_RULES} rules")
                 continue
             for i, item in enumerate(items, 1):
                 try:
@@ -287,8 +300,8 @@ def parse_rule_spec(words: list[str]) -> Rule:
             raise InvalidRequest(f"rule: {key} given twice")
         value: Any = text
         if key.endswith("_ports"):
-            value = [int(p) if p.isdigit() else p for p in text.split(",") if p]
-        elif key.endswith(("icmp_type", "icmp_code")) and text.isdigit():
+            value = [int(p) if p.isascii() and p.isdigit() else p for p in text.split(",") if p]
+        elif key.endswith(("icmp_type", "icmp_code")) and text.isascii() and text.isdigit():
             value = int(text)
         data[key] = value
 

@@ -43,7 +43,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from calicnm.model import IPv4Network, Pool
+from calicnm.model import VXLAN_DEVICE, VXLAN_PORT, IPv4Network, Pool
 from calicnm.policy import PORT_PROTOCOLS, Profile, Rule
 
 PREFIX = "calicnm-"
@@ -62,6 +62,10 @@ HEX = "0123456789abcdef"
 NAT_POSTROUTING = "calicnm-POSTROUTING"
 ALL_POOLS = "calicnm-all-pools"
 MASQ_POOLS = "calicnm-masq-pools"
+PEER_HOSTS = "calicnm-peer-hosts"
+TUNNEL_SOURCES = "calicnm-tunnel-srcs"
+LOCAL_IPS = "calicnm-local-ips"
+NEVER_MASQUERADED = ("169.254.0.0/16", "127.0.0.0/8")
 HASH_IP = "hash:ip"
 HASH_NET = "hash:net"
 
@@ -118,6 +122,38 @@ class LocalEndpoint:
     interface: str
     ips: tuple[str, ...]
     profiles: tuple[str, ...]
+    internal: bool = False
+    """On an ``--internal`` network: egress only to pool addresses."""
+
+
+ENDPOINT_TO_HOST_ACTIONS = ("drop", "accept", "return")
+HOST_ACTION_RULES: dict[str, tuple[str, ...]] = {
+    "drop": ("-i cali+ -j DROP",),
+    "accept": ("-i cali+ -j ACCEPT",),
+    "return": (),
+}
+"""What happens to a container's packet for the host itself once its own
+outbound policy allowed it: dropped (the default, as Felix does), accepted,
+or returned to the host's INPUT chain and its rules."""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the compiler needs to know about the host besides policy.
+
+    ``endpoint_to_host`` is one of ``ENDPOINT_TO_HOST_ACTIONS``.  With an
+    encapsulated pool, ``peer_hosts`` (every other registered host's address)
+    are the only senders of VXLAN (UDP 4789) or IPIP the host accepts, and
+    ``tunnel_sources`` (other hosts' blocks and borrowed addresses in VXLAN
+    pools, and their host addresses) the only inner sources it forwards from
+    the VXLAN device.
+    """
+
+    endpoint_to_host: str = "drop"
+    vxlan: bool = False
+    ipip: bool = False
+    peer_hosts: frozenset[str] = frozenset()
+    tunnel_sources: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -162,6 +198,7 @@ def compile_policy(
     endpoints: list[LocalEndpoint],
     members: dict[str, set[str]],
     pools: Sequence[Pool] = (),
+    facts: HostFacts | None = None,
 ) -> CompiledPolicy:
     """The whole desired filter- and nat-table state for this host.
 
@@ -169,24 +206,52 @@ def compile_policy(
     could not be read (it compiles to a drop chain).  Only profiles used by
     local endpoints, and tags their rules mention, are materialised.
     ``pools`` are every pool; nat-outgoing is programmed while one has it.
+    ``facts`` says how the host itself is protected (see ``HostFacts``).
     """
-    chains: dict[str, tuple[str, ...]] = {
-        FORWARD: (
-            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
-            "-o cali+ -m conntrack --ctstate INVALID -j DROP",
-            "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            "-o cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-i cali+ -j {FROM_EP}",
-            f"-o cali+ -j {TO_EP}",
-            "-i cali+ -j ACCEPT",
-            "-o cali+ -j ACCEPT",
-        ),
-        INPUT: (
-            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
-            "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-i cali+ -j {FROM_EP}",
-        ),
-    }
+    facts = facts or HostFacts()
+    forward: list[str] = []
+    inputs: list[str] = []
+    ipsets: dict[str, frozenset[str]] = {}
+    types: dict[str, str] = {}
+    if facts.vxlan:
+        # Inner packets from the tunnel must come from another host's
+        # addresses, never from one of this host's containers.
+        ipsets[TUNNEL_SOURCES] = frozenset(facts.tunnel_sources)
+        ipsets[LOCAL_IPS] = frozenset(ip for ep in endpoints for ip in ep.ips)
+        types[TUNNEL_SOURCES], types[LOCAL_IPS] = HASH_NET, HASH_IP
+        for top in (forward, inputs):
+            top += [
+                f"-i {VXLAN_DEVICE} -m set --match-set {LOCAL_IPS} src -j DROP",
+                f"-i {VXLAN_DEVICE} -m set ! --match-set {TUNNEL_SOURCES} src -j DROP",
+            ]
+    if facts.vxlan or facts.ipip:
+        ipsets[PEER_HOSTS] = frozenset(facts.peer_hosts)
+        types[PEER_HOSTS] = HASH_IP
+        if facts.vxlan:
+            inputs.append(
+                f"-p udp --dport {VXLAN_PORT} -m set ! --match-set {PEER_HOSTS} src -j DROP"
+            )
+        if facts.ipip:
+            inputs.append(f"-p 4 -m set ! --match-set {PEER_HOSTS} src -j DROP")
+    forward += [
+        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+        "-o cali+ -m conntrack --ctstate INVALID -j DROP",
+        "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-o cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-i cali+ -j {FROM_EP}",
+        f"-o cali+ -j {TO_EP}",
+        "-i cali+ -j ACCEPT",
+        "-o cali+ -j ACCEPT",
+    ]
+    inputs += [
+        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+        "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        # The sender's outbound policy first (it may deny), then the host's
+        # own verdict for what policy let through.
+        f"-i cali+ -j {FROM_EP}",
+        *HOST_ACTION_RULES[facts.endpoint_to_host],
+    ]
+    chains: dict[str, tuple[str, ...]] = {FORWARD: tuple(forward), INPUT: tuple(inputs)}
     used: set[str] = set()
     ordered = sorted(endpoints, key=lambda e: e.interface)
     for ep in ordered:
@@ -196,7 +261,7 @@ def compile_policy(
     chains.update(_dispatch(FROM_EP, "-i", ordered, "outbound"))
     chains.update(_dispatch(TO_EP, "-o", ordered, "inbound"))
 
-    ipsets: dict[str, frozenset[str]] = {}
+    tag_sets: dict[str, frozenset[str]] = {}
     for name in sorted(used):
         profile = profiles.get(name)
         for direction in ("inbound", "outbound"):
@@ -207,16 +272,24 @@ def compile_policy(
             rules: list[str] = []
             for rule in profile.rules(direction):
                 for tag in _tags_of(rule):
-                    ipsets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
+                    tag_sets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
                 rules.extend(rule_bodies(rule))
             chains[chain] = tuple(rules)
-    types = dict.fromkeys(ipsets, HASH_IP)
+    ipsets.update(tag_sets)
+    types.update(dict.fromkeys(tag_sets, HASH_IP))
     nat_chains: dict[str, tuple[str, ...]] = {}
-    if any(pool.nat_outgoing for pool in pools):
+    nat = any(pool.nat_outgoing for pool in pools)
+    if nat or any(ep.internal for ep in endpoints):
         ipsets[ALL_POOLS] = _nets(pool.cidr for pool in pools)
+        types[ALL_POOLS] = HASH_NET
+    if nat:
         ipsets[MASQ_POOLS] = _nets(pool.cidr for pool in pools if pool.nat_outgoing)
-        types[ALL_POOLS] = types[MASQ_POOLS] = HASH_NET
+        types[MASQ_POOLS] = HASH_NET
         nat_chains[NAT_POSTROUTING] = (
+            # Link-local and loopback destinations are never masqueraded:
+            # they are not "outside", and a cloud's metadata service must
+            # never see a request under the host's address.
+            *(f"-d {net} -j RETURN" for net in NEVER_MASQUERADED),
             f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
             "-j MASQUERADE",
         )
@@ -236,6 +309,9 @@ def _endpoint_rules(ep: LocalEndpoint, direction: str) -> tuple[str, ...]:
     if direction == "outbound" and len(ep.ips) == 1:
         # Belt and braces with strict rp_filter: only the endpoint's address.
         rules.append(f"! -s {ep.ips[0]}/32 -j DROP")
+    if direction == "outbound" and ep.internal:
+        # An --internal network reaches pool addresses only: no outside, no host.
+        rules.append(f"-m set ! --match-set {ALL_POOLS} dst -j DROP")
     rules.append(f"-j MARK --set-xmark 0x0/{ACCEPT_MARK}")
     for name in ep.profiles:
         rules.append(f"-j {profile_chain(name, direction)}")

@@ -17,11 +17,8 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from calicnm.model import Endpoint, Host, IPv4Network, Pool
+from calicnm.model import VXLAN_DEVICE, Endpoint, Host, IPv4Network, Pool
 
-VXLAN_DEVICE = "vxlan.calicnm"
-VXLAN_VNI = 4096
-VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50
 IPIP_DEVICE = "tunl0"
 IPIP_OVERHEAD = 20

@@ -12,15 +12,12 @@ import logging
 from typing import Protocol
 
 from calicnm.host import netlink
-from calicnm.model import Host
+from calicnm.model import VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, Host
 from calicnm.routing.bgp import BirdInput, render_bird, routed_pools
 from calicnm.routing.bird import Bird
 from calicnm.routing.encap import (
     IPIP_DEVICE,
-    VXLAN_DEVICE,
     VXLAN_OVERHEAD,
-    VXLAN_PORT,
-    VXLAN_VNI,
     pool_mode,
     tunnel_routes,
     vtep_mac,

@@ -147,11 +147,18 @@ class EtcdStore:
         value, meta = self._call(lambda c: c.get(key))
         if meta is None:
             return None
-        return KV(key, value.decode(), meta.mod_revision)
+        return KV(key, _text(value), meta.mod_revision)
 
     def list(self, prefix: str) -> list[KV]:
         items = self._call(lambda c: list(c.get_prefix(prefix, sort_order="ascend")))
-        return [KV(m.key.decode(), v.decode(), m.mod_revision) for v, m in items]
+        return [
+            KV(
+                m.key.decode(errors="surrogateescape"),
+                v.decode(errors="surrogateescape"),
+                m.mod_revision,
+            )
+            for v, m in items
+        ]
 
     def put(self, key: str, value: str) -> None:
         self._call(lambda c: c.put(key, value))
@@ -211,3 +218,10 @@ class EtcdStore:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+
+def _text(raw: bytes) -> str:
+    """Stored bytes as text.  Bytes that are not UTF-8 are kept as escapes
+    (``surrogateescape``) instead of failing the whole read: the records
+    layer then refuses just that record (``validation.check_utf8``)."""
+    return raw.decode(errors="surrogateescape")

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from calicnm.blocks import Block
+from calicnm.endpoint import host_ifname, peer_ifname
 from calicnm.errors import CalicnmError, InvalidRequest
 from calicnm.model import BgpConfig, Endpoint, Host, IPv4Network, Network, Peer, Pool
 from calicnm.policy import Profile
 from calicnm.store import keys
 from calicnm.store.kv import KV, Store
+from calicnm.validation import check_hostname, check_utf8
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,6 +112,10 @@ def _parts(kv: KV, kind: str) -> KeyParts:
 def _decoded(kv: KV, kind: str, build: Callable[[KeyParts], T]) -> T:
     parts = _parts(kv, kind)
     try:
+        check_utf8(kv.key, "the key")
+        check_utf8(kv.value, "the value")
+        if parts.host is not None:
+            check_hostname(parts.host, "the key's host")
         return build(parts)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{kind} record {kv.key} is invalid: {exc}") from exc
@@ -152,7 +158,22 @@ def decode_profile(kv: KV) -> Profile:
 
 
 def decode_endpoint(kv: KV) -> Endpoint:
-    return _identified(kv, ENDPOINT, Endpoint.from_json, lambda e: (e.id, e.host))
+    """An endpoint whose interface names are the ones its id derives: they
+    go into routes, chains and ``iptables-restore`` lines."""
+
+    def parse(raw: str) -> Endpoint:
+        endpoint = Endpoint.from_json(raw)
+        if (endpoint.interface, endpoint.peer) != (
+            host_ifname(endpoint.id),
+            peer_ifname(endpoint.id),
+        ):
+            raise InvalidRequest(
+                f"its interfaces {endpoint.interface!r}/{endpoint.peer!r} are not the ones "
+                f"its id gives ({host_ifname(endpoint.id)}/{peer_ifname(endpoint.id)})"
+            )
+        return endpoint
+
+    return _identified(kv, ENDPOINT, parse, lambda e: (e.id, e.host))
 
 
 def decode_host(kv: KV) -> Host:

@@ -4,7 +4,7 @@ import pytest
 
 from calicnm import endpoint
 from calicnm.errors import InvalidRequest
-from calicnm.validation import check_id
+from calicnm.validation import check_id, check_mac
 
 EID = "629601b5fa245ddf93ea239eb288111b92d6781bedeebcb340ccdf43a081ea34"
 
@@ -26,11 +26,11 @@ def test_mac_is_stable_unicast_and_locally_administered():
 @pytest.mark.parametrize("bad", ["01:00:5e:00:00:01", "zz:00:00:00:00:00", "ee:ee"])
 def test_bad_macs_are_rejected(bad):
     with pytest.raises(InvalidRequest):
-        endpoint.normalise_mac(bad)
+        check_mac(bad)
 
 
 def test_mac_normalised():
-    assert endpoint.normalise_mac("EE-01-02-03-04-05") == "ee:01:02:03:04:05"
+    assert check_mac("EE-01-02-03-04-05") == "ee:01:02:03:04:05"
 
 
 @pytest.mark.parametrize(

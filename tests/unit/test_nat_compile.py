@@ -13,8 +13,10 @@ from calicnm.model import Pool
 from calicnm.policy import Profile
 
 MASQ = (
+    "-d 169.254.0.0/16 -j RETURN",
+    "-d 127.0.0.0/8 -j RETURN",
     "-m set --match-set calicnm-masq-pools src -m set ! --match-set calicnm-all-pools dst "
-    "-j MASQUERADE"
+    "-j MASQUERADE",
 )
 EP = p.LocalEndpoint("e1" * 32, "calie1e1e1e1e1e", ("10.0.0.2",), ("dataman",))
 
@@ -29,7 +31,7 @@ def compile_with(*pools: Pool) -> p.CompiledPolicy:
 
 def test_one_nat_pool_full_nat_table_and_sets():
     dp = compile_with(pool("192.168.0.0/16", nat=True))
-    assert dp.nat_chains == {"calicnm-POSTROUTING": (MASQ,)}
+    assert dp.nat_chains == {"calicnm-POSTROUTING": MASQ}
     assert dp.ipsets == {
         "calicnm-t-dataman": frozenset(),
         "calicnm-all-pools": frozenset({"192.168.0.0/16"}),
@@ -59,7 +61,7 @@ def test_several_pools_all_count_only_nat_ones_masquerade():
         "172.16.0.0/12",
     }
     assert dp.ipsets["calicnm-masq-pools"] == {"10.0.0.0/16", "10.2.0.0/26"}
-    assert dp.nat_chains == {"calicnm-POSTROUTING": (MASQ,)}
+    assert dp.nat_chains == {"calicnm-POSTROUTING": MASQ}
 
 
 @pytest.mark.parametrize(
@@ -83,7 +85,7 @@ def test_nat_without_endpoints_still_masquerades():
     # Another host's containers are none of our business, but a host with
     # no local endpoint yet still gets the (cheap) nat rule: it is per pool.
     dp = p.compile_policy({}, [], {}, [pool("10.0.0.0/16", nat=True)])
-    assert dp.nat_chains == {"calicnm-POSTROUTING": (MASQ,)}
+    assert dp.nat_chains == {"calicnm-POSTROUTING": MASQ}
     assert set(dp.ipsets) == {"calicnm-all-pools", "calicnm-masq-pools"}
 
 
@@ -106,7 +108,7 @@ def test_pool_set_names_fit_and_swap_partners_are_distinct():
 
 def test_rule_count_includes_the_nat_table():
     assert (
-        compile_with(pool("10.0.0.0/16", nat=True)).rule_count() == compile_with().rule_count() + 1
+        compile_with(pool("10.0.0.0/16", nat=True)).rule_count() == compile_with().rule_count() + len(MASQ)
     )
 
 

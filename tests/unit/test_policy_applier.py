@@ -128,8 +128,10 @@ def test_nat_chain_and_postrouting_jump_follow_nat_outgoing_pools(rig):
     assert rig.iptables.rules("POSTROUTING", "nat") == [f"-j {NAT_POSTROUTING}"]
     assert rig.calicnm_chains("nat") == {
         NAT_POSTROUTING: [
+            "-d 169.254.0.0/16 -j RETURN",
+            "-d 127.0.0.0/8 -j RETURN",
             f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
-            "-j MASQUERADE"
+            "-j MASQUERADE",
         ]
     }
     assert rig.ipsets.members(ALL_POOLS) == {"10.0.0.0/16"}

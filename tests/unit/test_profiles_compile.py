@@ -70,6 +70,7 @@ def test_one_endpoint_full_table():
             "-i cali+ -m conntrack --ctstate INVALID -j DROP",
             "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             "-i cali+ -j calicnm-FROM-EP",
+            "-i cali+ -j DROP",
         ),
         "calicnm-FROM-EP": ("-i calie1e1e1e1e1e -g calicnm-from-e1e1e1e1e1e", "-j DROP"),
         "calicnm-TO-EP": ("-o calie1e1e1e1e1e -g calicnm-to-e1e1e1e1e1e", "-j DROP"),

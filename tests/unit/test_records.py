@@ -16,6 +16,7 @@ from tests.fakes import MemoryStore
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address
 EID = "ab" * 32
+NID = "cd" * 32
 
 
 @pytest.mark.parametrize(
@@ -24,7 +25,7 @@ EID = "ab" * 32
         (keys.pool(N("10.0.0.0/16")), records.KeyParts("pool", "10.0.0.0-16")),
         (keys.block(N("10.0.0.0/26")), records.KeyParts("block", "10.0.0.0-26")),
         (keys.affinity("h1", N("10.0.0.0/26")), records.KeyParts("affinity", "10.0.0.0-26", "h1")),
-        (keys.network("n1"), records.KeyParts("network", "n1")),
+        (keys.network(NID), records.KeyParts("network", NID)),
         (keys.profile("web"), records.KeyParts("profile", "web")),
         (keys.BGP_CONFIG, records.KeyParts("bgp-config")),
         (keys.global_peer("10.1.1.1"), records.KeyParts("global-peer", "10.1.1.1")),
@@ -56,7 +57,7 @@ def test_unknown_or_malformed_keys_are_not_classified(key):
 
 def test_decoders_check_the_key_against_the_value():
     ep = Endpoint(
-        EID, "h1", "n1", "cali" + EID[:11], "tmp" + EID[:11], "ee:00:00:00:00:01", (A("10.0.0.2"),)
+        EID, "h1", NID, "cali" + EID[:11], "tmp" + EID[:11], "ee:00:00:00:00:01", (A("10.0.0.2"),)
     )
     assert records.decode_endpoint(KV(keys.endpoint("h1", EID), ep.to_json(), 3)) == ep
     with pytest.raises(InvalidRequest, match=r"endpoint record .* is invalid"):
@@ -67,9 +68,9 @@ def test_decoders_check_the_key_against_the_value():
     assert records.decode_host(KV(keys.host_meta("h1"), host.to_json(), 1)) == host
     with pytest.raises(InvalidRequest):
         records.decode_host(KV(keys.host_meta("h9"), host.to_json(), 1))
-    net = Network("n1")
+    net = Network(NID)
     with pytest.raises(InvalidRequest):
-        records.decode_network(KV(keys.network("n2"), net.to_json(), 1))
+        records.decode_network(KV(keys.network("ef" * 32), net.to_json(), 1))
 
 
 def test_a_profile_is_named_by_its_key():
@@ -91,12 +92,12 @@ def _filled_store() -> MemoryStore:
     store.put(keys.node_peer("h1", "10.9.9.9"), Peer("10.9.9.9", 65000).to_json())
     store.put(keys.affinity("h1", N("10.0.0.0/26")), "")
     store.put(keys.profile("web"), Profile.default("web").to_json())
-    store.put(keys.network("n1"), Network("n1", docker_name="web").to_json())
+    store.put(keys.network(NID), Network(NID, docker_name="web").to_json())
     for host, eid in (("h1", "a" * 64), ("h1", "b" * 64), ("h2", "c" * 64)):
         ep = Endpoint(
             eid,
             host,
-            "n1",
+            NID,
             "cali" + eid[:11],
             "tmp" + eid[:11],
             "ee:00:00:00:00:01",

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from calicnm.endpoint import derive_mac
-from calicnm.model import BgpConfig, Endpoint, Host, Peer, Pool
-from calicnm.routing.encap import IPIP_DEVICE, VXLAN_DEVICE, VXLAN_VNI, vtep_mac
+from calicnm.model import VXLAN_DEVICE, VXLAN_VNI, BgpConfig, Endpoint, Host, Peer, Pool
+from calicnm.routing.encap import IPIP_DEVICE, vtep_mac
 from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys
 from calicnm.store.records import read_snapshot
