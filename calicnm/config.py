@@ -13,6 +13,9 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 
+from calicnm.errors import InvalidRequest
+from calicnm.profiles import ENDPOINT_TO_HOST_ACTIONS
+
 DEFAULT_SOCKET = "/run/docker/plugins/calicnm.sock"
 DEFAULT_STATE_DIR = "/var/lib/calicnm"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -65,6 +68,13 @@ SETTINGS = {
         "seconds between the agent's full resyncs (drift repair)",
         "30",
     ),
+    "endpoint_to_host_action": Setting(
+        "CALICNM_ENDPOINT_TO_HOST_ACTION",
+        "--endpoint-to-host-action",
+        "what a container may do to its own host once its policy allows it: drop "
+        "(the default), accept, or return (to the host's INPUT chain)",
+        "drop",
+    ),
     "no_default_pools": Setting(
         "CALICNM_NO_DEFAULT_POOLS",
         "--no-default-pools",
@@ -72,6 +82,13 @@ SETTINGS = {
         "false",
     ),
 }
+
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "etcd_trusted_ca_file": ("ETCD_CA_CERT_FILE",),
+    "endpoint_to_host_action": ("FELIX_DEFAULTENDPOINTTOHOSTACTION",),
+}
+"""Calico's names for the same settings, read when calicnm's own is unset."""
 
 
 def add_arguments(
@@ -111,6 +128,7 @@ class Config:
     docker_host: str = DEFAULT_DOCKER_HOST
     no_default_pools: str = "false"
     resync_interval: str = "30"
+    endpoint_to_host_action: str = "drop"
 
     @classmethod
     def from_env(
@@ -122,8 +140,8 @@ class Config:
             s = SETTINGS[f.name]
             flag_value = getattr(args, f.name, None) if args is not None else None
             value = flag_value if flag_value is not None else env.get(s.env)
-            if value is None and f.name == "etcd_trusted_ca_file":
-                value = env.get("ETCD_CA_CERT_FILE")  # Calico's spelling
+            if value is None:
+                value = next((env[n] for n in ALIASES.get(f.name, ()) if n in env), None)
             if value not in (None, ""):
                 values[f.name] = str(value)
         return cls(**values)
@@ -146,6 +164,11 @@ class Config:
         return check_as(self.as_num)
 
     @property
+    def agent_status_path(self) -> str:
+        """Where the agent reports its health (read by Join and status)."""
+        return os.path.join(self.state_dir, "agent-status.json")
+
+    @property
     def marker_dir(self) -> str:
         """Where the agent marks endpoints as programmed (read by Join)."""
         return os.path.join(self.state_dir, "programmed")
@@ -157,6 +180,17 @@ class Config:
         except ValueError:
             value = 30.0
         return max(value, 1.0)
+
+    @property
+    def endpoint_to_host(self) -> str:
+        """The checked endpoint-to-host action (lower case)."""
+        action = self.endpoint_to_host_action.lower()
+        if action not in ENDPOINT_TO_HOST_ACTIONS:
+            raise InvalidRequest(
+                f"endpoint-to-host action {self.endpoint_to_host_action!r} is not one of "
+                f"{', '.join(ENDPOINT_TO_HOST_ACTIONS)}"
+            )
+        return action
 
     @property
     def default_pools(self) -> bool:

@@ -45,7 +45,7 @@ from calicnm.routing.encap import overhead
 from calicnm.store import keys, records
 from calicnm.store.edits import ensure_profile
 from calicnm.store.kv import Store, create
-from calicnm.validation import check_id, check_mac, check_name
+from calicnm.validation import check_id, check_mac, check_name, check_text
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ GLOBAL_ADDRESS_SPACE = "CalicnmGlobal"
 GATEWAY_OPTION = "com.docker.network.gateway"
 REQUEST_TYPE_OPTION = "RequestAddressType"
 GENERIC_OPTIONS = "com.docker.network.generic"
+JOIN_WAIT_SECONDS = 10.0
+"""How long Join waits for the agent to program a new endpoint."""
 PENDING_HANDLE = "docker-pending"
 """Owner of an address Docker asked for but no endpoint has claimed yet
 (an aux address, or an endpoint between RequestAddress and CreateEndpoint)."""
@@ -126,15 +128,19 @@ class Driver:
         plumbing: Plumbing,
         host: str,
         programmed: Callable[[str], bool] | None = None,
-        join_wait: float = 5.0,
+        agent_problem: Callable[[], str | None] | None = None,
+        join_wait: float = JOIN_WAIT_SECONDS,
     ) -> None:
         """``programmed(endpoint_id)`` says whether the agent has programmed an
-        endpoint; Join waits for it (at most ``join_wait`` seconds)."""
+        endpoint, and ``agent_problem()`` why the agent is not healthy (None
+        when it is).  Join refuses while the agent is not healthy, and waits
+        at most ``join_wait`` seconds for the endpoint to be programmed."""
         self._store = store
         self._ipam = ipam
         self._plumbing = plumbing
         self._host = host
         self._programmed = programmed
+        self._agent_problem = agent_problem
         self._join_wait = join_wait
 
     # ---- handshake -------------------------------------------------------
@@ -369,9 +375,15 @@ class Driver:
         req = _obj(body)
         network_id = check_id(req.get("NetworkID"), "NetworkID")
         endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
-        sandbox = _str(req, "SandboxKey")
+        sandbox = check_text(_str(req, "SandboxKey"), "SandboxKey")
         endpoint = self.endpoint(endpoint_id)
         network = self.network(network_id)
+        problem = self._agent_problem() if self._agent_problem is not None else None
+        if problem is not None:
+            raise DataplaneError(
+                f"refusing to start a container without its policy: the calicnm agent on "
+                f"host {self._host} is not healthy ({problem})"
+            )
         if not self._plumbing.exists(endpoint.peer):
             raise DataplaneError(
                 f"interface {endpoint.peer} of endpoint {endpoint_id[:12]} is missing; "
@@ -395,22 +407,20 @@ class Driver:
         return join_response(endpoint.peer, gateway, _subnets(network))
 
     def _await_programmed(self, endpoint_id: str) -> None:
-        """Give the agent a bounded moment to route the endpoint and program
-        its policy, so the container starts with both in place.  On timeout
-        Join still succeeds: the endpoint stays fail-closed until the agent
-        catches up."""
+        """Wait, bounded, until the agent has routed the endpoint and
+        programmed its policy, so the container starts with both in place.
+        On timeout Join fails (DataplaneError): Docker then removes the
+        endpoint and the container does not start without its policy."""
         if self._programmed is None:
             return
         deadline = time.monotonic() + self._join_wait
         while not self._programmed(endpoint_id):
             if time.monotonic() >= deadline:
-                _log.warning(
-                    "endpoint=%s not programmed by the agent after %.0fs; its traffic is "
-                    "dropped until it is",
-                    endpoint_id[:12],
-                    self._join_wait,
+                raise DataplaneError(
+                    f"endpoint {endpoint_id[:12]} was not programmed by the calicnm agent "
+                    f"within {self._join_wait:.0f}s; refusing to start the container without "
+                    "its policy (see 'calicnm status')"
                 )
-                return
             time.sleep(0.01)
 
     def leave(self, body: Any) -> dict[str, Any]:

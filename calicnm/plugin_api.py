@@ -12,7 +12,8 @@ Wire rules (see Docker's plugin client):
 - every failure is a non-200 status with ``{"Err": "..."}``, for both the
   NetworkDriver and the IpamDriver interface (a 200 with ``Err`` would be
   taken as success by Docker's IPAM client);
-- an unknown method is a plain 404, which Docker reads as "not implemented".
+- an unknown method is a plain 404, which Docker reads as "not implemented";
+- a body over ``MAX_BODY`` is a 413 with ``{"Err"}``, and is never read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from calicnm.errors import CalicnmError, InvalidRequest
 _log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+MAX_BODY = 1 << 20
+"""Largest request body accepted (1 MiB); Docker's largest call is a few KiB.
+Anything bigger is refused with 413 before it is read into memory."""
 
 Handler = Callable[[Any], dict[str, Any]]
 
@@ -91,6 +95,7 @@ def _ids(body: Any) -> str:
 def build_app(driver: Driver) -> Flask:
     """A Flask app around an already-built driver (tests pass their own)."""
     app = Flask("calicnm")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     table = routes(driver)
 
     def dispatch(method: str) -> Response:
@@ -101,6 +106,9 @@ def build_app(driver: Driver) -> Flask:
         try:
             body = _body()
             result = handler(body)
+        except HTTPException as exc:  # e.g. 413 for a body over MAX_BODY
+            _log.warning("call=%s status=%s error=%s", method, exc.code, exc.description)
+            return _json(exc.code or 400, {"Err": f"{method}: {exc.description or exc.name}"})
         except CalicnmError as exc:
             _log.warning("call=%s %s status=%d error=%s", method, _ids(body), exc.status, exc)
             return _json(exc.status, {"Err": str(exc)})

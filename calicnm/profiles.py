@@ -76,8 +76,16 @@ TABLE_JUMPS: dict[str, tuple[tuple[str, str], ...]] = {
     "filter": JUMPS,
     "nat": (("POSTROUTING", NAT_POSTROUTING),),
 }
-"""Per table, the jumps from kernel chains; a jump exists while its calicnm
-chain is wanted, and is deleted (before the chain) once it is not."""
+"""Per table, the jumps from kernel chains; a jump exists, as rule 1, while
+its calicnm chain is wanted, and is deleted (before the chain) once it is not."""
+
+GUEST_JUMPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "filter": (("DOCKER-USER", FORWARD),),
+}
+"""Jumps from chains another program owns, kept as their rule 1 while that
+chain exists.  dockerd re-inserts ``FORWARD -j DOCKER-USER`` at the top on
+every start and network creation; a jump at the top of DOCKER-USER puts
+calicnm's verdict ahead of dockerd's own ACCEPT rules even then."""
 
 
 def shorten(name: str, budget: int) -> str:

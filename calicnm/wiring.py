@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from calicnm.config import Config
 from calicnm.driver import Driver
-from calicnm.host.markers import Markers
+from calicnm.host.markers import Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing
 from calicnm.ipam import Allocator
 from calicnm.store.etcd import EtcdStore, EtcdTLS, parse_endpoints
@@ -47,5 +48,13 @@ def build_driver(config: Config) -> tuple[Driver, EtcdStore]:
     store = build_store(config)
     ipam = Allocator(store, config.hostname)
     markers = Markers(config.marker_dir)
-    driver = Driver(store, ipam, HostPlumbing(), config.hostname, programmed=markers.is_set)
+    status = StatusFile(config.agent_status_path)
+    driver = Driver(
+        store,
+        ipam,
+        HostPlumbing(),
+        config.hostname,
+        programmed=markers.is_set,
+        agent_problem=lambda: status.problem(time.time()),
+    )
     return driver, store

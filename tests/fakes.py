@@ -278,6 +278,15 @@ class FakeIptables(Iptables):
 
     # ---- inspection and outside interference ----
 
+    def first_rule(self, table: str, chain: str) -> str | None:
+        """What ``iptables -t TABLE -S CHAIN 1`` prints: rule 1 in ``-A`` form,
+        "" for an empty chain, None for a missing chain (or table)."""
+        with self._lock:
+            found = self._tables.get(table, {}).get(chain)
+            if found is None:
+                return None
+            return f"-A {chain} {found.rules[0]}" if found.rules else ""
+
     def chains(self, table: str = "filter") -> dict[str, list[str]]:
         """Every chain of ``table`` with its rules (a copy), kernel chains first."""
         with self._lock:

@@ -4,14 +4,16 @@ and the BGP table of ``status`` (read live from BIRD's control socket)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from calicnm.cli import table
 from calicnm.cli.context import Context, emit_json
 from calicnm.errors import CalicnmError, InvalidRequest, NotFound
-from calicnm.model import DEFAULT_AS, BgpConfig, Peer, check_as
+from calicnm.model import DEFAULT_AS, Peer, check_as, check_bgp_password
 from calicnm.routing.bgp import parse_protocols
 from calicnm.routing.bird import Bird
 from calicnm.store import keys, records
@@ -81,7 +83,7 @@ def cmd_node_mesh(ctx: Context) -> int:
         return 0
     if value not in ("on", "off"):
         raise InvalidRequest("node-mesh takes 'on' or 'off'")
-    update_bgp_config(ctx.store, lambda c: BgpConfig(value == "on", c.as_num))
+    update_bgp_config(ctx.store, lambda c: dataclasses.replace(c, node_mesh=value == "on"))
     print(f"Node-to-node mesh turned {value}")
     return 0
 
@@ -91,8 +93,49 @@ def cmd_default_as(ctx: Context) -> int:
         print(records.bgp_config(ctx.store).as_num)
         return 0
     number = check_as(ctx.args.value)
-    update_bgp_config(ctx.store, lambda c: BgpConfig(c.node_mesh, number))
+    update_bgp_config(ctx.store, lambda c: dataclasses.replace(c, as_num=number))
     print(f"Default node AS number set to {number}")
+    return 0
+
+
+def cmd_password(ctx: Context) -> int:
+    """The TCP MD5 secret of every BGP session.  Never printed back: showing
+    it says only whether one is set."""
+    value, clear = ctx.args.value, ctx.args.clear
+    if value is not None and clear:
+        raise InvalidRequest("give a password or --clear, not both")
+    if value is None and not clear:
+        print("set" if records.bgp_config(ctx.store).password is not None else "not set")
+        return 0
+    if clear:
+        update_bgp_config(ctx.store, lambda c: dataclasses.replace(c, password=None))
+        print("BGP password cleared: sessions no longer use TCP MD5")
+        return 0
+    if value == "-":
+        value = sys.stdin.readline().rstrip("\r\n")
+    secret = check_bgp_password(value)
+    update_bgp_config(ctx.store, lambda c: dataclasses.replace(c, password=secret))
+    print(
+        "BGP password set: every session now uses TCP MD5 "
+        "(routers peering with these hosts need the same password)"
+    )
+    return 0
+
+
+def cmd_ttl_security(ctx: Context) -> int:
+    value = ctx.args.value
+    if value is None:
+        print("on" if records.bgp_config(ctx.store).ttl_security else "off")
+        return 0
+    if value not in ("on", "off"):
+        raise InvalidRequest("ttl-security takes 'on' or 'off'")
+    update_bgp_config(ctx.store, lambda c: dataclasses.replace(c, ttl_security=value == "on"))
+    print(f"TTL security turned {value}")
+    if value == "on":
+        print(
+            "Every BGP peer must now be one hop away and enable TTL security (GTSM) as well; "
+            "sessions are direct, not multihop."
+        )
     return 0
 
 
@@ -223,4 +266,24 @@ def register(sub: Any, node_sub: Any, leaf: Leaf) -> None:
     mesh.add_argument("value", nargs="?", metavar="on|off")
     das = leaf(bgp_sub, "default-node-as", cmd_default_as, "show or set the default AS")
     das.add_argument("value", nargs="?", metavar="AS_NUM")
+    password = leaf(
+        bgp_sub,
+        "password",
+        cmd_password,
+        "show whether the TCP MD5 password of every session is set, set it or --clear it",
+    )
+    password.add_argument(
+        "value",
+        nargs="?",
+        metavar="SECRET",
+        help="1-80 printable ASCII characters, no quotes or backslashes; '-' reads it from stdin",
+    )
+    password.add_argument("--clear", action="store_true", help="remove the password")
+    ttl = leaf(
+        bgp_sub,
+        "ttl-security",
+        cmd_ttl_security,
+        "show or set TTL security (GTSM): only peers one hop away",
+    )
+    ttl.add_argument("value", nargs="?", metavar="on|off")
     _peer_commands(bgp_sub, leaf, "global")

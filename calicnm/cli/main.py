@@ -15,14 +15,16 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from calicnm.cli import table
 from calicnm.cli.context import Command, Context, emit_json, network_label, out
 from calicnm.cli.profile_commands import ENDPOINT_USAGE, pull_remainder_options, rewrite_argv
-from calicnm.config import add_arguments
+from calicnm.config import Config, add_arguments
 from calicnm.errors import CalicnmError, InvalidRequest, NotFound, Unsupported
+from calicnm.host.markers import StatusFile
 from calicnm.model import Pool, parse_address, parse_network
 from calicnm.store import records
 from calicnm.wiring import setup_logging
@@ -86,13 +88,31 @@ def status_report(ctx: Context) -> tuple[bool, list[str]]:
         ok = False
         lines.append(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
     try:
-        endpoints = records.endpoints(ctx.store, ctx.config.hostname)
+        endpoints = records.host_counts(ctx.store).get(ctx.config.hostname, 0)
         lines.append(f"etcd is reachable at {ctx.store.describe()}")
-        lines.append(f"host {ctx.config.hostname}: {len(endpoints)} endpoint(s)")
+        lines.append(f"host {ctx.config.hostname}: {endpoints} endpoint(s)")
     except CalicnmError as exc:
         ok = False
         lines.append(f"etcd: {exc}")
-    return ok, lines
+    agent_ok, agent_lines = agent_report(ctx.config, time.time())
+    return ok and agent_ok, lines + agent_lines
+
+
+def agent_report(config: Config, now: float) -> tuple[bool, list[str]]:
+    """The agent's health from its status file, and the invalid records it
+    skipped (each named by its key)."""
+    status = StatusFile(config.agent_status_path).read()
+    if status is None:
+        return False, ["calicnm agent has NOT reported on this host (is the node running?)"]
+    problem = status.problem(now)
+    age = "never" if status.last_good is None else f"{now - status.last_good:.0f}s ago"
+    if problem is None:
+        lines = [f"calicnm agent is healthy: last good pass {age} ({status.passes} passes)"]
+    else:
+        lines = [f"calicnm agent is NOT healthy: {problem} (last good pass {age})"]
+    for key, reason in sorted(status.invalid.items()):
+        lines.append(f"INVALID RECORD {key}: {reason}")
+    return problem is None, lines
 
 
 def cmd_status(ctx: Context) -> int:
@@ -384,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os._exit(0)
+    except Exception as exc:  # one line, never a traceback, whatever went wrong
+        print(f"calicnm: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         ctx.close()
 

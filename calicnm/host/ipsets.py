@@ -1,5 +1,9 @@
 """ipset through ``ipset restore``: the only module that runs ipset.
 
+Every set name and member is checked here, just before the script is
+written, whatever the compiler produced: a name that is not calicnm's or a
+member that is not an address or network refuses the whole call.
+
 A set is rewritten atomically: its members go into a temporary set of the
 same type, which is then swapped with the live one and destroyed, all in
 one ``ipset restore`` call, so a rule matching the set never sees it half
@@ -8,6 +12,8 @@ filled.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -15,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from calicnm.errors import DataplaneError
 
 MAX_ELEMENTS = 1 << 20
+_NAME_RE = re.compile(r"\Acalicnm-[A-Za-z0-9_.-]{1,23}\Z")
 SET_TYPES = ("hash:ip", "hash:net")
 
 
@@ -53,6 +60,9 @@ class Ipsets:
         for name, (temp, kind, members) in sorted(sets.items()):
             if kind not in SET_TYPES:
                 raise DataplaneError(f"refusing to create ipset {name} of type {kind!r}")
+            _check_name(name)
+            _check_name(temp)
+            members = [_checked_member(m, kind, name) for m in members]
             create = f"{kind} family inet maxelem {MAX_ELEMENTS} -exist"
             lines += [f"create {name} {create}", f"create {temp} {create}", f"flush {temp}"]
             lines += [f"add {temp} {ip}" for ip in sorted(members)]
@@ -61,6 +71,24 @@ class Ipsets:
 
     def destroy(self, names: Iterable[str]) -> None:
         """Destroy sets no rule references any more (the caller made sure)."""
-        lines = [f"destroy {n}" for n in sorted(names)]
+        lines = [f"destroy {_check_name(n)}" for n in sorted(names)]
         if lines:
             self._run(["restore"], "\n".join(lines) + "\n")
+
+
+def _check_name(name: str) -> str:
+    """Only calicnm's own sets, and only names ``ipset restore`` cannot
+    misread: this is the last door before the script."""
+    if not _NAME_RE.match(name):
+        raise DataplaneError(f"refusing ipset name {name!r}: not a calicnm set")
+    return name
+
+
+def _checked_member(member: str, kind: str, name: str) -> str:
+    """An IPv4 address (``hash:ip``) or network (``hash:net``), canonical."""
+    try:
+        if kind == "hash:ip":
+            return str(ipaddress.IPv4Address(member))
+        return str(ipaddress.IPv4Network(member, strict=False))
+    except ValueError:
+        raise DataplaneError(f"refusing member {member!r} of ipset {name}") from None

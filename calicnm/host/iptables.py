@@ -27,7 +27,7 @@ _log = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "calicnm-"
 MAX_CHAIN_NAME = 28
-_JUMP_RE = re.compile(r"\A-(D [A-Z]+|I [A-Z]+ [0-9]+) -j [A-Za-z0-9_-]{1,28}\Z")
+_JUMP_RE = re.compile(r"\A-(D [A-Z][A-Z_-]*|I [A-Z][A-Z_-]* [0-9]+) -j [A-Za-z0-9_-]{1,28}\Z")
 """The only jump lines a script may carry: insert or delete an unconditional
 jump from a kernel chain (``FORWARD``, ``POSTROUTING`` ...)."""
 
@@ -85,6 +85,19 @@ class Iptables:
         if proc.returncode != 0:
             raise DataplaneError(f"{argv[0]} failed: {proc.stderr.strip()[:400]}")
         return proc.stdout
+
+    def first_rule(self, table: str, chain: str) -> str | None:
+        """Rule 1 of ``chain`` as ``iptables -S`` prints it ("" for an empty
+        chain), or None when the chain does not exist.  One short process:
+        cheap enough to ask every second."""
+        argv = [self.backend.iptables, "-w", "10", "-t", table, "-S", chain, "1"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self._timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DataplaneError(f"{argv[0]} failed to run: {exc}") from exc
+        if proc.returncode != 0:
+            return None
+        return proc.stdout.strip()
 
 
 def restore_script(
@@ -151,14 +164,23 @@ def jump_removals(saved: str, parent: str, chain: str) -> list[str]:
     return [f"-D {parent} -j {chain}"] * count
 
 
-def jump_fixups(saved: str, parent: str, chain: str, position: int = 1) -> list[str]:
-    """Lines that leave exactly one ``-j chain`` at the top of ``parent``.
+def jump_fixups(saved: str, parent: str, chain: str) -> list[str]:
+    """Lines that leave exactly one ``-j chain``, as rule 1 of ``parent``.
 
     Reads back only our own unconditional jump (a rule iptables cannot
-    normalise differently), inserting it if missing and deleting duplicates.
+    normalise differently).  If it is already the one and only copy and the
+    first rule, nothing is needed; otherwise every copy is deleted and one is
+    inserted at the top, in the same transaction, so no packet sees the
+    chain without it.
     """
     rule = f"-A {parent} -j {chain}"
-    existing = [line for line in saved.splitlines() if line.strip() == rule]
-    if not existing:
-        return [f"-I {parent} {position} -j {chain}"]
-    return [f"-D {parent} -j {chain}"] * (len(existing) - 1)
+    rules = [line.strip() for line in saved.splitlines() if line.startswith(f"-A {parent} ")]
+    copies = rules.count(rule)
+    if copies == 1 and rules[0] == rule:
+        return []
+    return [f"-D {parent} -j {chain}"] * copies + [f"-I {parent} 1 -j {chain}"]
+
+
+def has_chain(saved: str, chain: str) -> bool:
+    """Does ``iptables-save`` output declare ``chain``?"""
+    return any(line.startswith(f":{chain} ") for line in saved.splitlines())

@@ -39,7 +39,12 @@ PER_INTERFACE_SYSCTLS = (
     # addresses routed to its own interface.
     ("net/ipv4/conf/{}/rp_filter", "1"),
     ("net/ipv4/conf/{}/forwarding", "1"),
-    # The host side needs no IPv6 link-local address of its own.
+    # Gratuitous ARP from a container changes nothing on the host: its
+    # neighbour entry is permanent, and nobody else's address is its to claim.
+    ("net/ipv4/conf/{}/drop_gratuitous_arp", "1"),
+    # No IPv6 on the host side: no link-local address, and router
+    # advertisements from a container configure nothing.
+    ("net/ipv6/conf/{}/accept_ra", "0"),
     ("net/ipv6/conf/{}/disable_ipv6", "1"),
 )
 
@@ -106,13 +111,22 @@ class HostPlumbing:
         )
 
     def ensure_routes(self, host_if: str, ips: tuple[str, ...], mac: str) -> bool:
-        """The /32 scope-link route and permanent neighbour entry of each
-        address, through ``host_if``; False when the interface does not exist.
-        Idempotent ("replace"), so re-asserting repairs a route deleted by hand."""
+        """The interface's sysctls (``PER_INTERFACE_SYSCTLS``), and the /32
+        scope-link route and permanent neighbour entry of each address,
+        through ``host_if``; False when the interface does not exist.
+        Idempotent ("replace"), so re-asserting repairs a route deleted or a
+        sysctl changed by hand."""
         with _netlink() as ipr:
             found = ipr.link_lookup(ifname=host_if)
             if not found:
                 return False
+            try:
+                for path, value in PER_INTERFACE_SYSCTLS:
+                    write_sysctl(path.format(host_if), value)
+            except DataplaneError:
+                if not ipr.link_lookup(ifname=host_if):
+                    return False  # removed meanwhile
+                raise
             try:
                 for addr in ips:
                     ipr.route("replace", dst=f"{addr}/32", oif=found[0], scope=SCOPE_LINK)

@@ -33,12 +33,13 @@ from calicnm.errors import DataplaneError
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import (
     Iptables,
+    has_chain,
     jump_fixups,
     jump_removals,
     kernel_chains,
     restore_script,
 )
-from calicnm.profiles import PREFIX, TABLE_JUMPS, CompiledPolicy, temp_ipset
+from calicnm.profiles import GUEST_JUMPS, PREFIX, TABLE_JUMPS, CompiledPolicy, temp_ipset
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +68,32 @@ class PolicyApplier:
             self._chains = None
             self._sets = None
             raise
+
+    def jumps_in_place(self) -> bool:
+        """Is everything that keeps calicnm first still where the last apply
+        put it?  Every jump is rule 1 of its kernel chain (and of dockerd's
+        DOCKER-USER, where that exists) and calicnm's top chains still hold
+        rules.  A few one-rule reads: cheap enough to ask every second, so
+        an outside ``iptables -F`` or a dockerd restart is noticed at once.
+        False also when nothing was applied yet, or a read fails."""
+        if self._chains is None:
+            return False
+        try:
+            for table, chains in self._chains.items():
+                for parent, chain in TABLE_JUMPS.get(table, ()):
+                    if chain not in chains:
+                        continue
+                    if self._iptables.first_rule(table, parent) != f"-A {parent} -j {chain}":
+                        return False
+                    if chains[chain] and not self._iptables.first_rule(table, chain):
+                        return False
+                for parent, chain in GUEST_JUMPS.get(table, ()):
+                    first = self._iptables.first_rule(table, parent)
+                    if first is not None and chain in chains and first != f"-A {parent} -j {chain}":
+                        return False
+        except DataplaneError:
+            return False
+        return True
 
     def _apply(self, desired: CompiledPolicy, full: bool) -> ApplyStats:
         wanted = {n: (desired.ipset_type(n), m) for n, m in desired.ipsets.items()}
@@ -124,6 +151,13 @@ class PolicyApplier:
         fixups: list[str] = []
         if look:
             for parent, chain in jumps:
+                if chain in chains:
+                    fixups += jump_fixups(saved, parent, chain)
+                else:
+                    fixups += jump_removals(saved, parent, chain)
+            for parent, chain in GUEST_JUMPS.get(table, ()):
+                if not has_chain(saved, parent):
+                    continue
                 if chain in chains:
                     fixups += jump_fixups(saved, parent, chain)
                 else:

@@ -8,9 +8,20 @@ mid-apply cannot leave the host wrong for longer than one pass.
 
 Passes run when the etcd watch reports a change, at least every
 ``resync`` seconds as a full resync that also repairs drift, and every
-second while the watch is down.  If etcd is unreachable a pass fails
-before touching the kernel: the last good state stays programmed (nothing
-is flushed because the datastore blinked) and the agent keeps retrying.
+second while the watch is down.  Every second the agent also checks,
+cheaply, that its jumps are still rule 1 of FORWARD, INPUT, POSTROUTING and
+dockerd's DOCKER-USER and that its chains still hold rules; if anything
+moved (an outside ``iptables -F``, a dockerd restart) a full pass follows at
+once.  If etcd is unreachable a pass fails before touching the kernel: the
+last good state stays programmed (nothing is flushed because the datastore
+blinked) and the agent keeps retrying.
+
+The agent cannot die quietly.  Every pass catches every exception, logs
+it (once per distinct failure), backs off (1 s doubling to 8 s) and
+records the outcome in its status file (``host.markers.AgentStatus``):
+the time of the last good pass, the last error and the stored records it
+skipped as invalid.  Join and ``calicnm status`` read that file; the node
+restarts the agent thread if it ever ends.
 
 The agent is the only writer of calicnm's chains, ipsets and endpoint
 routes on its host.  After an endpoint's route and chains are in place it
@@ -21,17 +32,23 @@ starts with its policy already enforced.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from calicnm.errors import CalicnmError, DatastoreUnavailable
-from calicnm.host.markers import Markers
-from calicnm.model import (
-    effective_profiles,
+from calicnm.host.markers import AgentStatus, Markers, StatusFile
+from calicnm.model import Network, effective_profiles
+from calicnm.profiles import (
+    CompiledPolicy,
+    HostFacts,
+    LocalEndpoint,
+    compile_policy,
+    tag_members,
 )
-from calicnm.profiles import CompiledPolicy, LocalEndpoint, compile_policy, tag_members
+from calicnm.routing.encap import tunnel_routes
 from calicnm.store import keys
 from calicnm.store.kv import Store
 from calicnm.store.records import Snapshot, read_snapshot
@@ -51,6 +68,14 @@ class Applier(Protocol):
 
     def apply(self, desired: CompiledPolicy, full: bool = False) -> object: ...
 
+    def jumps_in_place(self) -> bool: ...
+
+
+CHECK_SECONDS = 1.0
+"""How often the jumps and top chains are checked between passes."""
+BACKOFF_LIMIT = 8.0
+"""Longest wait between retries of a failing pass."""
+
 
 class Agent:
     def __init__(
@@ -62,6 +87,9 @@ class Agent:
         markers: Markers,
         resync: float = 30.0,
         hooks: list[Callable[[Snapshot], bool]] | None = None,
+        endpoint_to_host: str = "drop",
+        status: StatusFile | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._host = host
@@ -76,6 +104,12 @@ class Agent:
         self._watch_ok = False
         self.passes = 0
         self.last_error: str | None = None
+        self._endpoint_to_host = endpoint_to_host
+        self._status = status
+        self._clock = clock
+        self._last_good: float | None = None
+        self._busy_since: float | None = None
+        self._invalid: dict[str, str] = {}
 
     # ---- one pass ----------------------------------------------------------
 
@@ -83,6 +117,7 @@ class Agent:
         """One pass; returns True when something still waits (a veth not
         there yet, a network not named yet), so the caller comes back soon."""
         snapshot = read_snapshot(self._store)
+        self._note_invalid(snapshot.invalid)
         waiting = False
         for hook in self._hooks:
             # Each hook (network naming, BGP) keeps its own state; one
@@ -107,12 +142,14 @@ class Agent:
                 interface=e.interface,
                 ips=tuple(str(ip) for ip in e.ipv4),
                 profiles=effective_profiles(e, snapshot.networks.get(e.network_id)),
+                internal=_internal(snapshot.networks.get(e.network_id)),
             )
             for e in local
         ]
         used = {name for ep in compiled for name in ep.profiles}
         profiles = {name: snapshot.profiles.get(name) for name in used}
-        desired = compile_policy(profiles, compiled, members, snapshot.pools)
+        facts = host_facts(snapshot, self._host, self._endpoint_to_host)
+        desired = compile_policy(profiles, compiled, members, snapshot.pools, facts)
         self._applier.apply(desired, full=full)
 
         programmed = set()
@@ -128,6 +165,13 @@ class Agent:
         self._markers.sync(programmed)
         self.passes += 1
         return waiting
+
+    def first_pass(self) -> None:
+        """One full pass before the node serves Docker; recorded in the status
+        file like any other.  Raises what the pass raises."""
+        self.reconcile(full=True)
+        self._last_good = self._clock()
+        self._report()
 
     # ---- the loop ------------------------------------------------------------
 
@@ -157,29 +201,146 @@ class Agent:
     def run(
         self, stop: threading.Event, watch: Callable[..., Callable[[], None]] | None = None
     ) -> None:
+        """Passes until ``stop`` is set.  Never raises: every failure is
+        logged, backed off and recorded in the status file."""
         next_full = 0.0
+        next_check = 0.0
+        next_pass = 0.0  # sooner than the timers: something was waiting
+        failures = 0
+        moved = 0  # checks in a row that found the jumps out of place
+        reported: str | None = None
         while not stop.is_set():
             self._ensure_watch(watch)
             now = time.monotonic()
-            full = now >= next_full
-            self._wake.clear()
-            waiting = False
-            try:
-                waiting = self.reconcile(full=full)
-                if full:
-                    next_full = now + self._resync
-                self.last_error = None
-            except CalicnmError as exc:
-                if self.last_error != str(exc):
-                    _log.warning("agent pass failed; the kernel keeps its last state: %s", exc)
-                self.last_error = str(exc)
-                next_full = 0.0  # after any failure the next pass is a full one
-                self._watch_ok = self._watch_ok and not isinstance(exc, DatastoreUnavailable)
-            timeout = max(0.0, next_full - time.monotonic()) if next_full else 1.0
-            if waiting:
-                timeout = min(timeout, 0.25)
-            if not self._watch_ok:
-                timeout = min(timeout, 1.0)
-            self._wake.wait(timeout)
+            if self._wake.is_set() or now >= min(next_full, next_pass) or failures:
+                full = now >= next_full
+                self._wake.clear()
+                waiting = False
+                self._busy_since = self._clock()
+                self._report()
+                try:
+                    waiting = self.reconcile(full=full)
+                    if full:
+                        next_full = now + self._resync
+                    self.last_error = None
+                    self._last_good = self._clock()
+                    failures = 0
+                    reported = None
+                except Exception as exc:  # the agent must never die of a pass
+                    failures += 1
+                    next_full = 0.0  # after any failure the next pass is a full one
+                    self.last_error = (
+                        f"{type(exc).__name__}: {exc}"
+                        if not isinstance(exc, CalicnmError)
+                        else str(exc)
+                    )
+                    if reported != self.last_error:
+                        if isinstance(exc, CalicnmError):
+                            _log.warning(
+                                "agent pass failed; the kernel keeps its last state: %s", exc
+                            )
+                        else:
+                            _log.exception("agent pass failed unexpectedly; retrying")
+                        reported = self.last_error
+                    if isinstance(exc, DatastoreUnavailable):
+                        self._watch_ok = False
+                finally:
+                    self._busy_since = None
+                next_check = time.monotonic() + CHECK_SECONDS
+                self._report()
+                if failures:
+                    backoff = min(BACKOFF_LIMIT, 2.0 ** (failures - 1))
+                    stop.wait(backoff)
+                    continue
+                # A veth not there yet, or a watch that is down: come back
+                # soon without waiting for an event.
+                soon = 0.25 if waiting else 1.0 if not self._watch_ok else None
+                next_pass = time.monotonic() + soon if soon is not None else float("inf")
+                continue
+            if now >= next_check:
+                next_check = now + CHECK_SECONDS
+                if self._safe_check():
+                    moved = 0
+                else:
+                    moved += 1
+                    if moved <= 3:
+                        _log.warning(
+                            "calicnm's jumps or chains were moved or flushed from outside; "
+                            "re-asserting them"
+                        )
+                        next_full = 0.0
+                        continue
+                    # Still not in place right after re-asserting: something
+                    # keeps undoing it.  Say so, and retry at the resync pace
+                    # rather than every second.
+                    _log.error("calicnm's jumps keep being moved; re-asserting on each resync")
+                    next_check = now + self._resync
+                self._report()
+            deadline = min(next_check, next_full, next_pass)
+            self._wake.wait(max(0.0, deadline - time.monotonic()))
         if self._cancel_watch is not None:
             self._cancel_watch()
+
+    # ---- health -----------------------------------------------------------------
+
+    def _safe_check(self) -> bool:
+        try:
+            return self._applier.jumps_in_place()
+        except Exception:
+            _log.exception("checking calicnm's jumps failed")
+            return False
+
+    def _note_invalid(self, invalid: dict[str, str]) -> None:
+        """Log each invalid record once (and once more when it changes or is
+        fixed), however often passes see it."""
+        for key, reason in invalid.items():
+            if self._invalid.get(key) != reason:
+                _log.error("skipping invalid record %s: %s", key, reason)
+        for key in set(self._invalid) - set(invalid):
+            _log.info("record %s is valid again (or gone)", key)
+        self._invalid = dict(invalid)
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            pid=os.getpid(),
+            updated=self._clock(),
+            last_good=self._last_good,
+            busy_since=self._busy_since,
+            last_error=self.last_error,
+            passes=self.passes,
+            invalid=dict(self._invalid),
+        )
+
+    def _report(self) -> None:
+        if self._status is None:
+            return
+        try:
+            self._status.write(self.status())
+        except OSError as exc:
+            _log.warning("cannot write the agent status %s: %s", self._status.path, exc)
+
+
+def _internal(network: Network | None) -> bool:
+    return network is not None and network.internal
+
+
+def host_facts(snapshot: Snapshot, host: str, endpoint_to_host: str) -> HostFacts:
+    """How this host protects itself, from the snapshot: which hosts may
+    send it tunnel traffic, and which inner sources the VXLAN device may
+    carry (other hosts' blocks and borrowed addresses, and their addresses)."""
+    vxlan = any(p.vxlan for p in snapshot.pools)
+    ipip = any(p.ipip for p in snapshot.pools)
+    peers = frozenset(h.ip for h in snapshot.hosts if h.name != host and h.ip)
+    sources: frozenset[str] = frozenset()
+    if vxlan:
+        routes = tunnel_routes(
+            "vxlan", host, snapshot.hosts, snapshot.pools, snapshot.affinity, snapshot.endpoints
+        )
+        sources = frozenset({str(r.dst) for r in routes} | {f"{ip}/32" for ip in peers})
+    return HostFacts(
+        endpoint_to_host=endpoint_to_host,
+        vxlan=vxlan,
+        ipip=ipip,
+        peer_hosts=peers,
+        tunnel_sources=sources,
+    )

@@ -36,7 +36,7 @@ from calicnm.config import Config
 from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables
-from calicnm.host.markers import Markers
+from calicnm.host.markers import Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing, host_addresses
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.host.sysctl import check_kernel_settings, ensure_forwarding
@@ -50,14 +50,21 @@ from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys, records
 from calicnm.store.etcd import EtcdStore
 from calicnm.store.records import Snapshot
+from calicnm.validation import check_hostname
 from calicnm.wiring import EMBEDDED_ETCD_URL, build_store
 
 _log = logging.getLogger(__name__)
 
+AGENT_RESTART_LIMIT = 5
+AGENT_RESTART_WINDOW = 60.0
 HOST_RECORD_REFRESH_SECONDS = 10.0
 """How often the node re-writes its host record (its address may change)."""
 CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
+
+
+class AgentDied(CalicnmError):
+    """The agent thread kept ending; the node exits non-zero."""
 
 
 def detect_ip(addresses: list[tuple[str, str]]) -> str | None:
@@ -93,6 +100,7 @@ class Node:
         self._plugin: Child | None = None
         self._store: EtcdStore | None = None
         self._agent_thread: threading.Thread | None = None
+        self._agent_restarts: list[float] = []
         self._bird: Bird | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -111,6 +119,8 @@ class Node:
 
     def _start(self) -> None:
         config = self.config
+        check_hostname(config.hostname, "this host's name (CALICNM_HOSTNAME)")
+        _ = config.endpoint_to_host  # refuse a bad setting before anything starts
         check_kernel_settings()
         ensure_forwarding()
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
@@ -123,6 +133,13 @@ class Node:
         self._store = store
         wait_for(lambda: self._etcd_ready(store), f"etcd at {store.describe()}", timeout=60)
         _log.info("etcd ready endpoints=%s", store.describe())
+        for url in store.insecure_remote_endpoints():
+            _log.warning(
+                "etcd endpoint %s is not on this host and not TLS: anyone on the network can "
+                "read and change every host's policy; use https with client certificates "
+                "(ETCD_TRUSTED_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)",
+                url,
+            )
 
         ip = config.ip or detect_ip(host_addresses())
         if ip is None:
@@ -150,14 +167,40 @@ class Node:
             Markers(config.marker_dir),
             resync=config.resync_seconds,
             hooks=hooks,
+            endpoint_to_host=config.endpoint_to_host,
+            status=StatusFile(config.agent_status_path),
         )
-        self._agent.reconcile(full=True)
+        self._agent.first_pass()
         _log.info("kernel converged with etcd")
+        self._start_agent()
+        self._start_plugin()
+
+    def _start_agent(self) -> None:
+        store = self._store
+        assert store is not None  # set before the agent is built
         self._agent_thread = threading.Thread(
             target=self._agent.run, args=(self._stop, store.watch), name="agent", daemon=True
         )
         self._agent_thread.start()
-        self._start_plugin()
+
+    def _supervise_agent(self) -> None:
+        """Restart an agent thread that ended (it never should: every pass
+        catches everything).  Past ``AGENT_RESTART_LIMIT`` restarts within
+        ``AGENT_RESTART_WINDOW`` seconds the node gives up and exits non-zero,
+        so its supervisor (systemd) restarts the whole node."""
+        thread = self._agent_thread
+        if thread is None or thread.is_alive() or self._stop.is_set():
+            return
+        now = time.monotonic()
+        self._agent_restarts = [t for t in self._agent_restarts if now - t < AGENT_RESTART_WINDOW]
+        if len(self._agent_restarts) >= AGENT_RESTART_LIMIT:
+            raise AgentDied(
+                f"the agent thread ended {len(self._agent_restarts) + 1} times in "
+                f"{AGENT_RESTART_WINDOW:.0f}s; stopping the node"
+            )
+        self._agent_restarts.append(now)
+        _log.error("the agent thread ended; restarting it")
+        self._start_agent()
 
     def _etcd_ready(self, store: EtcdStore) -> bool:
         if self._etcd is not None and not self._etcd.alive():
@@ -193,6 +236,7 @@ class Node:
                     if self._store is not None:
                         host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
                         register_host(self._store, host)
+                self._supervise_agent()
                 if self._etcd is not None and not self._etcd.alive():
                     _log.error("embedded etcd died; restarting it")
                     self._etcd.stop()
@@ -201,10 +245,14 @@ class Node:
                     _log.error("plugin process died; restarting it")
                     self._plugin.stop()
                     self._start_plugin()
+            except AgentDied:
+                raise
             except CalicnmError as exc:
                 # Keep serving: the kernel keeps its last state and the next
                 # pass tries again.
                 _log.warning("node pass failed: %s", exc)
+            except Exception:  # the node must stay up whatever one pass hits
+                _log.exception("node pass failed unexpectedly")
 
     def _host_ip(self) -> str | None:
         if self._store is None:

@@ -85,7 +85,11 @@ def collect(
     except Exception as exc:  # record whatever went wrong; collect the rest
         files["etcd-calicnm.txt"] = f"cannot read etcd: {exc}\n"
     files["etcd.log"] = _tail(os.path.join(config.state_dir, "etcd.log"))
-    with tarfile.open(path, "w:gz") as tar:
+    # 0600 from the first byte, whatever the umask: the archive holds the
+    # datastore's contents (BGP password included).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
         for filename, text in sorted(files.items()):
             data = text.encode()
             info = tarfile.TarInfo(f"{name}/{filename}")

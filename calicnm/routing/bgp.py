@@ -14,6 +14,21 @@ What a host announces (as Calico did):
 Routes learnt from peers go to the kernel (``proto bird``); other hosts'
 kernels therefore hold one route per block, not one per container.
 
+What a host accepts (``calicnm_import_bgp``, on every session): only a
+prefix inside a BGP-routed pool that is one of its blocks or longer
+(``net ~ [ <pool>{<block prefix>,32} ]``); a peer, or a compromised host,
+cannot steer any other traffic of the host (a default route, the underlay,
+another site).  Only such routes, and this host's own block blackholes,
+reach the kernel.  With no routed pool nothing is accepted.
+
+Session protection (``BgpConfig``): ``password`` puts the TCP MD5 secret on
+every session (``password "...";``); ``ttl_security`` turns on GTSM
+(``ttl security on;``) and makes every session a ``direct`` one, so BIRD
+sends with TTL 255 and accepts only TTL 255, i.e. from a peer one hop away.
+BIRD would accept ``ttl security`` next to ``multihop`` too, but then takes
+``256 - hops`` as the minimum TTL, and the bare ``multihop`` of the
+template means 64 hops: a check that stops nothing in a data centre.
+
 Sessions: a full iBGP mesh between all hosts (``Mesh_<ip>``) unless it is
 switched off, plus global peers (``Global_<ip>``, e.g. route reflectors)
 and this host's own peers (``Node_<ip>``).  A route reflector is a BIRD of
@@ -57,6 +72,70 @@ def routed_pools(pools: Iterable[Pool]) -> list[Pool]:
     return [p for p in pools if not (p.vxlan or p.ipip)]
 
 
+def import_prefix_set(pools: Iterable[Pool]) -> str | None:
+    """The BIRD prefix set of what BGP may carry: in each routed pool, its
+    blocks and anything longer; None if no pool is routed by BGP."""
+    items = [f"{p.cidr}{{{p.block_prefix},32}}" for p in routed_pools(pools)]
+    return f"[ {', '.join(items)} ]" if items else None
+
+
+def bird_text(value: str, what: str) -> str:
+    """``value`` as a BIRD string literal.  BIRD has no escapes in strings,
+    so a quote (or a backslash, or a control character) is refused rather
+    than quoted: it could end the string and inject configuration."""
+    if (
+        not value
+        or not all(c.isascii() and c.isprintable() for c in value)
+        or any(c in value for c in '"\\')
+    ):
+        raise InvalidRequest(
+            f"{what} cannot go into the BIRD configuration: "
+            "it must be printable ASCII without quotes or backslashes"
+        )
+    return f'"{value}"'
+
+
+def _routed_filters(pools: Iterable[Pool]) -> list[str]:
+    """The prefix set and the import filter every BGP session uses."""
+    prefixes = import_prefix_set(pools)
+    if prefixes is None:
+        return [
+            "# No pool is routed by BGP: nothing is accepted from any peer.",
+            "filter calicnm_import_bgp {",
+            "  reject;",
+            "}",
+        ]
+    return [
+        "# What BGP may carry: a block of a BGP-routed pool, or a longer prefix inside it.",
+        f"define CALICNM_ROUTED = {prefixes};",
+        "",
+        "# Accepted from every peer: nothing else (no default route, nothing outside the pools).",
+        "filter calicnm_import_bgp {",
+        "  if net ~ CALICNM_ROUTED then accept;",
+        "  reject;",
+        "}",
+    ]
+
+
+def _session_security(config: BgpConfig, multihop: bool) -> list[str]:
+    """Template lines for the password and TTL security settings; without
+    TTL security, ``multihop`` says whether sessions are multihop ones."""
+    lines = []
+    if config.password is not None:
+        lines.append(f"  password {bird_text(config.password, 'the BGP password')};")
+    if config.ttl_security:
+        lines += [
+            "  # TTL security (GTSM): sends TTL 255, accepts only TTL 255, so every peer must",
+            "  # be one hop away; sessions are direct, not multihop (with multihop BIRD would",
+            "  # accept TTL 256 - hops, 192 for the default 64 hops).",
+            "  direct;",
+            "  ttl security on;",
+        ]
+    elif multihop:
+        lines.append("  multihop;")
+    return lines
+
+
 def _bgp_protocol(kind: str, peer_ip: str, peer_as: int, extra: str = "") -> list[str]:
     return [
         f"protocol bgp {protocol_name(kind, peer_ip)} from calicnm_peer {{",
@@ -91,13 +170,21 @@ def render_bird(data: BirdInput) -> str:
         lines.append(f"  if net ~ {block} then reject;")
     for pool in pools:
         lines.append(f"  if net ~ {pool.cidr} then accept;")
+    kernel_bgp = (
+        ["  if source = RTS_BGP && net ~ CALICNM_ROUTED then accept;"]
+        if import_prefix_set(pools) is not None
+        else []
+    )
     lines += [
         "  reject;",
         "}",
         "",
+        *_routed_filters(pools),
+        "",
+        "# To the kernel: this host's block blackholes and routes learnt by BGP inside the pools.",
         "filter calicnm_export_kernel {",
         '  if proto = "calicnm_blocks" then accept;',
-        "  if source = RTS_BGP then accept;",
+        *kernel_bgp,
         "  reject;",
         "}",
         "",
@@ -119,11 +206,11 @@ def render_bird(data: BirdInput) -> str:
         "",
         "template bgp calicnm_peer {",
         f"  local {me.ip} as {my_as};",
-        "  multihop;",
+        *_session_security(data.config, multihop=True),
         "  graceful restart;",
         "  ipv4 {",
         "    gateway recursive;",
-        "    import all;",
+        "    import filter calicnm_import_bgp;",
         "    export filter calicnm_export_bgp;",
         "    next hop self;",
         "  };",
@@ -146,19 +233,31 @@ def render_bird(data: BirdInput) -> str:
 
 
 def render_route_reflector(
-    ip: str, as_num: int, cluster_id: str, hosts: list[Host], config: BgpConfig
+    ip: str,
+    as_num: int,
+    cluster_id: str,
+    hosts: list[Host],
+    config: BgpConfig,
+    pools: list[Pool],
 ) -> str:
-    """A standalone route reflector: every registered host is an rr client."""
+    """A standalone route reflector: every registered host is an rr client.
+    It accepts from its clients what a host accepts from its peers (blocks
+    of BGP-routed pools and longer prefixes in them), and its sessions use
+    the hosts' password and TTL security."""
     lines = [
         "# Generated by calicnm route-reflector; do not edit.",
         f"router id {ip};",
         "protocol device { scan time 10; }",
         'protocol direct { ipv4; interface "*"; }',
+        "",
+        *_routed_filters(pools),
+        "",
         "template bgp calicnm_client {",
         f"  local {ip} as {as_num};",
+        *_session_security(config, multihop=False),
         f"  rr cluster id {cluster_id};",
         "  rr client;",
-        "  ipv4 { import all; export all; };",
+        "  ipv4 { import filter calicnm_import_bgp; export all; };",
         "}",
         "",
     ]

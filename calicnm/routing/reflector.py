@@ -2,9 +2,12 @@
 
 It runs its own BIRD (in the namespace or on the machine it is started in)
 with every registered host as a route-reflector client, and rewrites that
-configuration whenever the set of hosts changes.  Hosts peer with it once
-the operator adds it as a global peer (``calicnm bgp peer add <ip> as
-<as>``), usually after switching the full mesh off.
+configuration whenever the hosts, the pools or the BGP settings change.
+It accepts from its clients only what hosts accept from their peers
+(blocks of BGP-routed pools and longer prefixes in them) and uses the
+hosts' password and TTL security.  Hosts peer with it once the operator
+adds it as a global peer (``calicnm bgp peer add <ip> as <as>``), usually
+after switching the full mesh off.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ def reflect_once(store: Store, bird: Bird, ip: str, as_num: int | None, cluster_
     refuses the configuration; BIRD then keeps running what it had."""
     config = records.bgp_config(store)
     hosts = records.hosts(store)
+    pools = records.pools(store)
     changed = bird.apply(
-        render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config)
+        render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config, pools)
     )
     if changed:
         _log.info("route reflector clients=%d", len(hosts))

@@ -79,6 +79,15 @@ class EtcdStore:
         self._current = 0
         self._client: Any = None
 
+    def insecure_remote_endpoints(self) -> list[str]:
+        """Endpoints reached over plain http that are not on this host."""
+        local = ("127.", "localhost", "::1", "[::1]")
+        return [
+            f"http://{e.host}:{e.port}"
+            for e in self._endpoints
+            if not e.secure and not e.host.startswith(local)
+        ]
+
     def describe(self) -> str:
         return ",".join(
             f"{'https' if e.secure else 'http'}://{e.host}:{e.port}" for e in self._endpoints

@@ -69,7 +69,7 @@ def test_a_host_without_an_address_cannot_speak_bgp():
 
 
 def test_route_reflector_has_every_host_as_client():
-    conf = render_route_reflector("198.18.0.100", 64511, "1.0.0.1", HOSTS, BgpConfig())
+    conf = render_route_reflector("198.18.0.100", 64511, "1.0.0.1", HOSTS, BgpConfig(), POOLS)
     assert conf.count("rr client;") == 1 and conf.count("from calicnm_client") == 3
     assert "neighbor 198.18.0.3 as 64600;" in conf and "rr cluster id 1.0.0.1;" in conf
 

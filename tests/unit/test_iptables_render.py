@@ -38,20 +38,24 @@ def test_script_refuses_anything_but_calicnm_chains(write, jumps, delete):
 
 SAVED = """*filter
 :FORWARD DROP [0:0]
--A FORWARD -j DOCKER-USER
 {}-A FORWARD -o docker0 -j DOCKER
 COMMIT
 """
+OURS = "-A FORWARD -j calicnm-FORWARD\n"
+DOCKER_USER = "-A FORWARD -j DOCKER-USER\n"
+MOVE = ["-I FORWARD 1 -j calicnm-FORWARD"]
+DELETE = "-D FORWARD -j calicnm-FORWARD"
 
 
 @pytest.mark.parametrize(
-    ("present", "expected"),
+    ("rules", "expected"),
     [
-        (0, ["-I FORWARD 1 -j calicnm-FORWARD"]),
-        (1, []),
-        (3, ["-D FORWARD -j calicnm-FORWARD"] * 2),
+        ("", MOVE),
+        (OURS, []),
+        (OURS + DOCKER_USER, []),
+        (DOCKER_USER + OURS, [DELETE, *MOVE]),
+        (OURS * 3, [DELETE] * 3 + MOVE),
     ],
 )
-def test_jump_fixups_leave_exactly_one_jump(present, expected):
-    saved = SAVED.format("-A FORWARD -j calicnm-FORWARD\n" * present)
-    assert jump_fixups(saved, "FORWARD", "calicnm-FORWARD") == expected
+def test_jump_fixups_leave_exactly_one_jump_as_rule_one(rules, expected):
+    assert jump_fixups(SAVED.format(rules), "FORWARD", "calicnm-FORWARD") == expected

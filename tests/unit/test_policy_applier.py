@@ -225,7 +225,7 @@ def test_a_jump_deleted_from_outside_comes_back_and_foreign_rules_stay(rig):
     rig.iptables.command(f"-D FORWARD -j {FORWARD}")
     rig.applier.apply(compiled(), full=True)
     assert rig.iptables.rules("FORWARD") == [f"-j {FORWARD}", "-j DOCKER-USER"]
-    assert "DOCKER-USER" in rig.iptables.chains()
+    assert rig.iptables.rules("DOCKER-USER") == [f"-j {FORWARD}"]
 
 
 def test_a_full_apply_removes_calicnm_chains_this_process_never_wrote(rig):
@@ -238,11 +238,25 @@ def test_a_full_apply_removes_calicnm_chains_this_process_never_wrote(rig):
     assert rig.iptables.rules(FROM_EP) == list(compiled().chains[FROM_EP])
 
 
-def test_a_foreign_rule_inserted_above_the_jump_is_left_and_the_jump_stays_single(rig):
+def test_a_rule_inserted_above_the_jump_moves_the_jump_back_to_the_top(rig):
     rig.applier.apply(compiled())
+    assert rig.applier.jumps_in_place()
     rig.iptables.command("-N DOCKER-USER")
+    rig.iptables.command("-A DOCKER-USER -j RETURN")
     rig.iptables.command("-I FORWARD 1 -j DOCKER-USER")  # what dockerd does at start
+    assert not rig.applier.jumps_in_place()
     rig.applier.apply(compiled(), full=True)
-    forward = rig.iptables.rules("FORWARD")
-    assert forward.count(f"-j {FORWARD}") == 1
-    assert "-j DOCKER-USER" in forward
+    assert rig.iptables.rules("FORWARD") == [f"-j {FORWARD}", "-j DOCKER-USER"]
+    assert rig.iptables.rules("DOCKER-USER") == [f"-j {FORWARD}", "-j RETURN"]
+    assert rig.applier.jumps_in_place()
+
+
+def test_an_outside_flush_is_noticed_by_the_cheap_check(rig):
+    rig.applier.apply(compiled())
+    rig.iptables.command("-F FORWARD")
+    assert not rig.applier.jumps_in_place()
+    rig.applier.apply(compiled(), full=True)
+    rig.iptables.command(f"-F {FORWARD}")
+    assert not rig.applier.jumps_in_place()
+    rig.applier.apply(compiled(), full=True)
+    assert rig.applier.jumps_in_place()
