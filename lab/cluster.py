@@ -69,6 +69,7 @@ class CalicnmHost(Managed):
         hostname: str,
         etcd_endpoints: str | None = None,
         node_settings: NodeSettings = "test",
+        docker_bridge: bool = False,
     ) -> None:
         self.netns = netns
         self.address = address
@@ -76,7 +77,7 @@ class CalicnmHost(Managed):
         self.workdir = workdir
         self.etcd_endpoints = etcd_endpoints
         self.node_settings = node_settings
-        self.dockerd = DockerHost(netns, workdir / "docker")
+        self.dockerd = DockerHost(netns, workdir / "docker", default_bridge=docker_bridge)
         self.node: Process | None = None
         self.state_dir = workdir / "state"
 
@@ -236,13 +237,22 @@ class CalicnmHost(Managed):
 
 @contextlib.contextmanager
 def single_host(
-    workdir: Path, hostname: str = "host1", node_settings: NodeSettings = "test"
+    workdir: Path,
+    hostname: str = "host1",
+    node_settings: NodeSettings = "test",
+    docker_bridge: bool = False,
 ) -> Iterator[CalicnmHost]:
-    """A fabric with one calicnm host using the node's embedded etcd."""
+    """A fabric with one calicnm host using the node's embedded etcd.  ``docker_bridge``
+    gives its dockerd the default bridge ``docker0`` (otherwise ``--bridge=none``)."""
     with Fabric() as fabric:
         att = fabric.add_host()
         with CalicnmHost(
-            att.host, att.address, workdir, hostname, node_settings=node_settings
+            att.host,
+            att.address,
+            workdir,
+            hostname,
+            node_settings=node_settings,
+            docker_bridge=docker_bridge,
         ) as host:
             yield host
 

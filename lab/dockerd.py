@@ -140,6 +140,11 @@ class DockerHost(Managed):
     (e.g. the plugin under test) are not touched; deleting the netns kills them.  To keep a
     plugin alive for the whole daemon lifetime, :meth:`prepare` first, start the plugin on
     ``plugins_dir / "<driver>.sock"``, then :meth:`start`, and stop in reverse order.
+
+    By default dockerd runs with ``--bridge=none``; ``default_bridge=True`` gives it its
+    default bridge ``docker0`` (and dockerd's own iptables rules for it), as on a stock
+    Docker host.  :meth:`stop_daemon` and :meth:`start_daemon` stop and start the same
+    daemon again (data root and runtime dir kept), as a ``systemctl restart docker`` would.
     """
 
     def __init__(
@@ -148,9 +153,11 @@ class DockerHost(Managed):
         workdir: str | os.PathLike[str] | None = None,
         *,
         extra_args: Sequence[str] = (),
+        default_bridge: bool = False,
     ) -> None:
         self.netns = netns
         self.extra_args = list(extra_args)
+        self.default_bridge = default_bridge
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else None
         self.runtime_dir: Path | None = None
@@ -214,7 +221,7 @@ class DockerHost(Managed):
             f"unix://{self.sock}",
             "--pidfile",
             str(self.pidfile),
-            "--bridge=none",
+            *(() if self.default_bridge else ("--bridge=none",)),
             "--config-file",
             str(rt / "daemon.json"),
             "--cgroup-parent",
@@ -307,6 +314,33 @@ class DockerHost(Managed):
                 ) from exc
             raise
         return self
+
+    def stop_daemon(self, timeout: float = 20) -> None:
+        """Stop dockerd (SIGTERM, SIGKILL after ``timeout``) and kill whatever it left running,
+        keeping the runtime dir and data root, so :meth:`start_daemon` brings the same host
+        back (containers with a restart policy start again).  :meth:`stop` still tears
+        everything down afterwards, whether or not the daemon was started again."""
+        if self.process is None:
+            raise HarnessError("DockerHost not started")
+        self.process.stop(signal.SIGTERM, timeout=timeout)
+        self.process = None
+        kill_until_gone(self._leftover_pids, f"dockerd {self.netns.name} leftovers")
+
+    def start_daemon(self, timeout: float = 60) -> None:
+        """Start dockerd again after :meth:`stop_daemon`, with the same arguments and
+        directories; wait until it answers (bounded by ``timeout``).  Raises
+        :class:`HarnessError` if it does not; :meth:`stop` cleans up either way."""
+        if self.process is not None:
+            raise HarnessError("dockerd is running; stop_daemon first")
+        if self._stopped or self.runtime_dir is None:
+            raise HarnessError("DockerHost not started, or already stopped")
+        self.process = Process(
+            self._dockerd_argv(),
+            self.log_path,
+            netns=self.netns,
+            name=f"dockerd[{self.netns.name}]",
+        ).start()
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None

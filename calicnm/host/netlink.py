@@ -187,6 +187,38 @@ class HostPlumbing:
             raise DataplaneError(f"cannot delete interface {name}: {exc}") from exc
 
 
+GATEWAYS = "169.254.1.0/24"
+"""Every link-local gateway a container may be given (169.254.1.1-250)."""
+RT_TABLE_LOCAL = 255
+RT_SCOPE_HOST = 254
+
+
+def ensure_gateway_route() -> None:
+    """Make the containers' gateways this host's own addresses: a ``local``
+    route for ``GATEWAYS`` (as ``ip route replace local 169.254.1.0/24 dev lo``).
+
+    The host then answers ARP for a container's gateway itself, whether or
+    not it has a default route (proxy ARP alone answers only for addresses
+    the host can route elsewhere), and a packet a container sends to its
+    gateway is a packet for the host: it meets the endpoint-to-host action
+    in INPUT instead of being forwarded anywhere.  Idempotent."""
+    with _netlink() as ipr:
+        lo = ipr.link_lookup(ifname="lo")
+        if not lo:
+            raise DataplaneError("this namespace has no loopback interface")
+        try:
+            ipr.route(
+                "replace",
+                dst=GATEWAYS,
+                type="local",
+                table=RT_TABLE_LOCAL,
+                scope=RT_SCOPE_HOST,
+                oif=lo[0],
+            )
+        except Exception as exc:
+            raise DataplaneError(f"cannot route the gateways {GATEWAYS} locally: {exc}") from exc
+
+
 def host_addresses() -> list[tuple[str, str]]:
     """(interface, IPv4 address) pairs of global scope, by interface index."""
     with _netlink() as ipr:

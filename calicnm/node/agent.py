@@ -249,8 +249,8 @@ class Agent:
                 next_check = time.monotonic() + CHECK_SECONDS
                 self._report()
                 if failures:
-                    backoff = min(BACKOFF_LIMIT, 2.0 ** (failures - 1))
-                    stop.wait(backoff)
+                    # Back off; an etcd event (or a stop) cuts the wait short.
+                    self._wake.wait(min(BACKOFF_LIMIT, 2.0 ** (failures - 1)))
                     continue
                 # A veth not there yet, or a watch that is down: come back
                 # soon without waiting for an event.

@@ -37,7 +37,7 @@ from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, Invalid
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables
 from calicnm.host.markers import Markers, StatusFile
-from calicnm.host.netlink import HostPlumbing, host_addresses
+from calicnm.host.netlink import HostPlumbing, ensure_gateway_route, host_addresses
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.host.sysctl import check_kernel_settings, ensure_forwarding
 from calicnm.ipam import Allocator
@@ -123,6 +123,7 @@ class Node:
         _ = config.endpoint_to_host  # refuse a bad setting before anything starts
         check_kernel_settings()
         ensure_forwarding()
+        ensure_gateway_route()
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         if not config.etcd_endpoints:
             self._etcd = embedded_etcd(config.state_dir)

@@ -325,14 +325,15 @@ class Snapshot:
 
 
 def read_snapshot(store: Store) -> Snapshot:
-    """The agent's whole input; invalid records are skipped, logged and listed."""
+    """The agent's whole input.  Invalid records, and keys of no known shape
+    under the prefixes read, are skipped and listed in ``invalid`` (the
+    agent logs them, once each)."""
     invalid: dict[str, str] = {}
 
     def keep(kv: KV, decode: Callable[[KV], T]) -> T | None:
         try:
             return decode(kv)
         except CalicnmError as exc:
-            _log.error("skipping invalid record %s: %s", kv.key, exc)
             invalid[kv.key] = str(exc)
             return None
 
@@ -349,6 +350,7 @@ def read_snapshot(store: Store) -> Snapshot:
     for kv in store.list(keys.HOSTS):
         parts = parse_key(kv.key)
         if parts is None:
+            invalid[kv.key] = f"key {kv.key!r} is not a host, endpoint or peer key"
             continue
         if parts.kind == ENDPOINT and (ep := keep(kv, decode_endpoint)) is not None:
             endpoints_.append(ep)

@@ -30,10 +30,12 @@ from lab.paths import VENV_BIN
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
 
 JUMP = "-A POSTROUTING -j calicnm-POSTROUTING"
-MASQ = (
+MASQ = [
+    "-A calicnm-POSTROUTING -d 169.254.0.0/16 -j RETURN",
+    "-A calicnm-POSTROUTING -d 127.0.0.0/8 -j RETURN",
     "-A calicnm-POSTROUTING -m set --match-set calicnm-masq-pools src "
-    "-m set ! --match-set calicnm-all-pools dst -j MASQUERADE"
-)
+    "-m set ! --match-set calicnm-all-pools dst -j MASQUERADE",
+]
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -78,7 +80,7 @@ def test_programmed_incrementally_and_removed_when_no_pool_has_nat(rig):
     store, agent = rig
     agent.reconcile(full=True)
     assert nat("POSTROUTING")[1:] == [JUMP]
-    assert nat("calicnm-POSTROUTING")[1:] == [MASQ]
+    assert nat("calicnm-POSTROUTING")[1:] == MASQ
     assert ipset("calicnm-all-pools") == ("hash:net", {"10.65.0.0/16", "10.66.0.0/16"})
     assert ipset("calicnm-masq-pools") == ("hash:net", {"10.65.0.0/16"})
 
@@ -120,7 +122,7 @@ def test_full_resync_repairs_drift_and_spares_foreign_rules(rig, tmp_path):
     assert nat("calicnm-POSTROUTING")[1:] == []
     agent.reconcile(full=True)
     assert nat("POSTROUTING")[1:].count(JUMP) == 1
-    assert nat("calicnm-POSTROUTING")[1:] == [MASQ]
+    assert nat("calicnm-POSTROUTING")[1:] == MASQ
     assert ipset("calicnm-masq-pools")[1] == {"10.65.0.0/16"}
     assert "calicnm-stale" not in sh("iptables-save", "-t", "nat")
     assert "-A POSTROUTING -o eth9 -j MASQUERADE" in nat("POSTROUTING")

@@ -121,7 +121,7 @@ def test_the_export_to_peers_is_unchanged():
 def test_the_password_goes_on_every_session_through_the_template():
     conf = bird(config=BgpConfig(password="a!#$%&'()*+,-./:;<=>?@[]^_`{|}~ z"))
     template = section(conf, "template bgp calicnm_peer {")
-    assert "  password \"a!#$%&'()*+,-./:;<=>?@[]^_`{|}~ z\";\n" in template
+    assert '  password "a!#$%&\'()*+,-./:;<=>?@[]^_`{|}~ z";\n' in template
     assert conf.count("password") == 1, "only in the template, which every session uses"
     assert "password" not in bird()
 
