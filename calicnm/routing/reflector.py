@@ -21,7 +21,7 @@ from types import FrameType
 from calicnm.errors import CalicnmError
 from calicnm.routing.bgp import render_route_reflector
 from calicnm.routing.bird import Bird
-from calicnm.store import records
+from calicnm.store import keys, records
 from calicnm.store.kv import Store
 
 _log = logging.getLogger(__name__)
@@ -32,11 +32,15 @@ POLL_SECONDS = 1.0
 def reflect_once(store: Store, bird: Bird, ip: str, as_num: int | None, cluster_id: str) -> bool:
     """One pass: configure ``bird`` with every registered host as a client
     (``as_num`` None: the global default AS); True if BIRD's configuration
-    changed.  Raises ``CalicnmError`` when etcd cannot be read or BIRD
-    refuses the configuration; BIRD then keeps running what it had."""
+    changed.  An invalid host or pool record is skipped (and logged); the
+    rest is served.  Raises ``CalicnmError`` when etcd cannot be read, the
+    BGP settings are invalid, or BIRD refuses the configuration; BIRD then
+    keeps running what it had."""
     config = records.bgp_config(store)
-    hosts = records.hosts(store)
-    pools = records.pools(store)
+    hosts, bad_hosts = records.scan(store, keys.HOSTS, records.HOST, records.decode_host)
+    pools, bad_pools = records.scan(store, keys.POOLS, records.POOL, records.decode_pool)
+    for key, reason in sorted({**bad_hosts, **bad_pools}.items()):
+        _log.warning("skipping invalid record %s: %s", key, reason)
     changed = bird.apply(
         render_route_reflector(ip, as_num or config.as_num, cluster_id, hosts, config, pools)
     )

@@ -300,6 +300,26 @@ def host_counts(store: Store) -> dict[str, int]:
     return counts
 
 
+def scan(
+    store: Store, prefix: str, kind: str, decode: Callable[[KV], T]
+) -> tuple[list[T], dict[str, str]]:
+    """Every valid record of ``kind`` under ``prefix``, and the invalid ones
+    by key with the reason: for long-running readers that must keep serving
+    what is valid (the reflector), where a listing would stop at the first
+    bad record."""
+    found: list[T] = []
+    invalid: dict[str, str] = {}
+    for kv in store.list(prefix):
+        parts = parse_key(kv.key)
+        if parts is not None and parts.kind != kind:
+            continue
+        try:
+            found.append(decode(kv))
+        except CalicnmError as exc:
+            invalid[kv.key] = str(exc)
+    return found, invalid
+
+
 # ---- the agent's view ------------------------------------------------------------
 
 

@@ -107,9 +107,8 @@ def test_pool_set_names_fit_and_swap_partners_are_distinct():
 
 
 def test_rule_count_includes_the_nat_table():
-    assert (
-        compile_with(pool("10.0.0.0/16", nat=True)).rule_count() == compile_with().rule_count() + len(MASQ)
-    )
+    with_nat = compile_with(pool("10.0.0.0/16", nat=True)).rule_count()
+    assert with_nat == compile_with().rule_count() + len(MASQ)
 
 
 class _Ipam:

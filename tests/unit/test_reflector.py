@@ -66,3 +66,13 @@ def test_a_store_failure_keeps_birds_state():
     register(store, Host("b", "198.18.0.3"))
     assert reflect_once(store, bird, RR, None, RR) is True
     assert "neighbor 198.18.0.3" in (bird.config or "")
+
+
+def test_an_invalid_host_record_is_skipped_and_the_others_stay_clients():
+    store, bird = MemoryStore(), FakeBird()
+    register(store, Host("a", "198.18.0.2"))
+    store.put(keys.host_meta("evil"), '{"name":"evil","ip":"1;","as_num":null}')
+    assert reflect_once(store, bird, RR, None, RR)
+    assert bird.config is not None
+    assert "neighbor 198.18.0.2" in bird.config
+    assert "neighbor 1;" not in bird.config and bird.config.count("neighbor ") == 1
