@@ -32,6 +32,9 @@ def test_node_with_etcd_endpoints(tmp_path: Path) -> None:
             try:
                 host.start()
                 assert not (host.state_dir / "etcd").exists(), "no embedded etcd was started"
+                # Plain http to an etcd off the host: the node says what that risks.
+                log = (host.workdir / "node.log").read_text()
+                assert f"etcd endpoint {url} is not on this host and not TLS" in log
                 host.create_network(
                     "ext", "--subnet", "192.168.50.0/26", "--gateway", "192.168.50.1"
                 )
