@@ -4,11 +4,16 @@ Pure: takes values, returns a ``CompiledPolicy`` value; ``host.policy_applier`` 
 
 Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
 
-    FORWARD -> calicnm-FORWARD   conntrack first (INVALID drop, ESTABLISHED accept),
-                                 then -i cali+ -> calicnm-FROM-EP (sender's outbound),
+    FORWARD -> calicnm-FORWARD   (also from DOCKER-USER) with a VXLAN pool: packets from
+                                 the tunnel whose inner source is a local container or
+                                 not another host's, dropped; then conntrack (INVALID
+                                 drop, ESTABLISHED accept), then
+                                      -i cali+ -> calicnm-FROM-EP (sender's outbound),
                                       -o cali+ -> calicnm-TO-EP   (receiver's inbound),
                                  then accept what both allowed.
-    INPUT   -> calicnm-INPUT     container -> host: the sender's outbound policy.
+    INPUT   -> calicnm-INPUT     the same tunnel checks, VXLAN/IPIP only from registered
+                                 hosts; container -> host: the sender's outbound policy,
+                                 then the endpoint-to-host action (drop by default).
     calicnm-FROM-EP / -TO-EP     dispatch on the interface name to the endpoint's chain
                                  (a two-level tree past DISPATCH_FLAT_LIMIT endpoints,
                                  so a packet is matched against ~sqrt(n) rules, not n);
@@ -26,7 +31,8 @@ nat-outgoing (nat table), only while at least one pool has it::
 
     POSTROUTING -> calicnm-POSTROUTING   MASQUERADE from a nat-outgoing pool
                                          (set calicnm-masq-pools) to anything
-                                         outside every pool (calicnm-all-pools).
+                                         outside every pool (calicnm-all-pools),
+                                         except link-local and loopback.
 
 Both pool sets are ``hash:net``; traffic between pools, on any host, is never
 masqueraded.
@@ -34,7 +40,8 @@ masqueraded.
 Fail closed: a profile that is referenced but missing or unreadable gets a
 chain that drops everything, and an interface the dispatch does not know
 is dropped; nothing here ever produces a blanket ACCEPT for a cali
-interface.
+interface.  An endpoint on an ``--internal`` network drops anything whose
+destination is outside every pool.
 """
 
 from __future__ import annotations

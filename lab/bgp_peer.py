@@ -103,9 +103,14 @@ class BirdPeer(Managed):
             "template bgp host {",
             f"  local {self.address} as {self.as_num};",
             *session,
+            # Short timers: a session this router could not finish (a peer dropping its
+            # packets: no password, TTL below the peer's minimum) is dropped within seconds,
+            # not after BGP's default 240 s hold time, and retried at once.
             "  connect delay time 1;",
             "  connect retry time 2;",
             "  error wait time 1, 2;",
+            "  startup hold time 6;",
+            "  hold time 6;",
             '  ipv4 { import all; export where proto = "announce"; };',
             "}",
             "",

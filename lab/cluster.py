@@ -70,6 +70,7 @@ class CalicnmHost(Managed):
         etcd_endpoints: str | None = None,
         node_settings: NodeSettings = "test",
         docker_bridge: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.netns = netns
         self.address = address
@@ -77,6 +78,10 @@ class CalicnmHost(Managed):
         self.workdir = workdir
         self.etcd_endpoints = etcd_endpoints
         self.node_settings = node_settings
+        self.extra_env: dict[str, str] = dict(extra_env or {})
+        """Added last to the node's (and the CLI's) environment, e.g.
+        ``CALICNM_ENDPOINT_TO_HOST_ACTION``; a change applies from the next
+        :meth:`start_node`."""
         self.dockerd = DockerHost(netns, workdir / "docker", default_bridge=docker_bridge)
         self.node: Process | None = None
         self.state_dir = workdir / "state"
@@ -99,6 +104,7 @@ class CalicnmHost(Managed):
             env.update(CALICNM_LOG_LEVEL="INFO")
         if self.etcd_endpoints:
             env["ETCD_ENDPOINTS"] = self.etcd_endpoints
+        env.update(self.extra_env)
         return env
 
     def start_node(self) -> None:
@@ -241,9 +247,11 @@ def single_host(
     hostname: str = "host1",
     node_settings: NodeSettings = "test",
     docker_bridge: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[CalicnmHost]:
     """A fabric with one calicnm host using the node's embedded etcd.  ``docker_bridge``
-    gives its dockerd the default bridge ``docker0`` (otherwise ``--bridge=none``)."""
+    gives its dockerd the default bridge ``docker0`` (otherwise ``--bridge=none``);
+    ``extra_env`` is added to the node's environment (:attr:`CalicnmHost.extra_env`)."""
     with Fabric() as fabric:
         att = fabric.add_host()
         with CalicnmHost(
@@ -253,6 +261,7 @@ def single_host(
             hostname,
             node_settings=node_settings,
             docker_bridge=docker_bridge,
+            extra_env=extra_env,
         ) as host:
             yield host
 

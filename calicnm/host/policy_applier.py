@@ -73,7 +73,7 @@ class PolicyApplier:
         """Is everything that keeps calicnm first still where the last apply
         put it?  Every jump is rule 1 of its kernel chain (and of dockerd's
         DOCKER-USER, where that exists) and calicnm's top chains still hold
-        rules.  A few one-rule reads: cheap enough to ask every second, so
+        rules.  A few one-rule reads: cheap enough to ask twice a second, so
         an outside ``iptables -F`` or a dockerd restart is noticed at once.
         False also when nothing was applied yet, or a read fails."""
         if self._chains is None:

@@ -8,7 +8,7 @@ mid-apply cannot leave the host wrong for longer than one pass.
 
 Passes run when the etcd watch reports a change, at least every
 ``resync`` seconds as a full resync that also repairs drift, and every
-second while the watch is down.  Every second the agent also checks,
+second while the watch is down.  Twice a second the agent also checks,
 cheaply, that its jumps are still rule 1 of FORWARD, INPUT, POSTROUTING and
 dockerd's DOCKER-USER and that its chains still hold rules; if anything
 moved (an outside ``iptables -F``, a dockerd restart) a full pass follows at
@@ -71,7 +71,7 @@ class Applier(Protocol):
     def jumps_in_place(self) -> bool: ...
 
 
-CHECK_SECONDS = 1.0
+CHECK_SECONDS = 0.5
 """How often the jumps and top chains are checked between passes."""
 BACKOFF_LIMIT = 8.0
 """Longest wait between retries of a failing pass."""
@@ -212,6 +212,27 @@ class Agent:
         while not stop.is_set():
             self._ensure_watch(watch)
             now = time.monotonic()
+            if now >= next_check:
+                # First, whatever else is due: a stream of passes (every etcd
+                # write wakes one) must never postpone the check.
+                next_check = now + CHECK_SECONDS
+                if self._safe_check():
+                    moved = 0
+                else:
+                    moved += 1
+                    if moved <= 3:
+                        _log.warning(
+                            "calicnm's jumps or chains were moved or flushed from outside; "
+                            "re-asserting them"
+                        )
+                        next_full = 0.0
+                    else:
+                        # Still out of place right after re-asserting: something
+                        # keeps undoing it.  Say so, and retry at the resync pace
+                        # rather than twice a second.
+                        _log.error("calicnm's jumps keep being moved; re-asserting on each resync")
+                        next_check = now + self._resync
+                self._report()
             if self._wake.is_set() or now >= min(next_full, next_pass) or failures:
                 full = now >= next_full
                 self._wake.clear()
@@ -246,7 +267,6 @@ class Agent:
                         self._watch_ok = False
                 finally:
                     self._busy_since = None
-                next_check = time.monotonic() + CHECK_SECONDS
                 self._report()
                 if failures:
                     # Back off; an etcd event (or a stop) cuts the wait short.
@@ -257,25 +277,6 @@ class Agent:
                 soon = 0.25 if waiting else 1.0 if not self._watch_ok else None
                 next_pass = time.monotonic() + soon if soon is not None else float("inf")
                 continue
-            if now >= next_check:
-                next_check = now + CHECK_SECONDS
-                if self._safe_check():
-                    moved = 0
-                else:
-                    moved += 1
-                    if moved <= 3:
-                        _log.warning(
-                            "calicnm's jumps or chains were moved or flushed from outside; "
-                            "re-asserting them"
-                        )
-                        next_full = 0.0
-                        continue
-                    # Still not in place right after re-asserting: something
-                    # keeps undoing it.  Say so, and retry at the resync pace
-                    # rather than every second.
-                    _log.error("calicnm's jumps keep being moved; re-asserting on each resync")
-                    next_check = now + self._resync
-                self._report()
             deadline = min(next_check, next_full, next_pass)
             self._wake.wait(max(0.0, deadline - time.monotonic()))
         if self._cancel_watch is not None:

@@ -7,17 +7,18 @@ validating constructor per kind (``decode``), so a check added there guards
 every reader: the plugin, the agent, the CLI and other hosts' nodes alike.
 
 Failure behaviour: a value or key that does not validate raises
-``InvalidRequest`` naming the key.  Listings used by commands (``networks``,
-``endpoints`` ...) let that propagate, so the operator sees which record is
-bad; ``read_snapshot``, which feeds the agent, skips the bad record, logs
-it and lists it in ``Snapshot.invalid`` instead, so one bad record never
-stops a host from serving the rest.
+``InvalidRequest`` naming the key when it is read on its own (``network``,
+``endpoint``, ``decode_*``).  Listings (``networks``, ``endpoints`` ...)
+skip an invalid record instead, and log it once: one bad record must never
+stop the plugin, the agent or a command from serving the rest.
+``read_snapshot``, which feeds the agent, also lists the skipped records in
+``Snapshot.invalid``, which ``calicnm status`` shows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -105,7 +106,7 @@ def cidr_of(name: str) -> IPv4Network:
 def _parts(kv: KV, kind: str) -> KeyParts:
     parts = parse_key(kv.key)
     if parts is None or parts.kind != kind:
-        raise InvalidRequest(f"key {kv.key} is not a {kind} key")
+        raise InvalidRequest(f"key {kv.key} is not a key of kind {kind}")
     return parts
 
 
@@ -205,12 +206,29 @@ def decode_affinity(kv: KV) -> tuple[str, IPv4Network]:
 # ---- listings ------------------------------------------------------------------
 
 
+_warned: dict[str, str] = {}
+"""Invalid records already logged by a listing (key -> reason)."""
+
+
+def _valid(kvs: Iterable[KV], decode: Callable[[KV], T]) -> list[T]:
+    """The records that decode; each invalid one is logged once per reason."""
+    found: list[T] = []
+    for kv in kvs:
+        try:
+            found.append(decode(kv))
+        except CalicnmError as exc:
+            if _warned.get(kv.key) != str(exc):
+                _warned[kv.key] = str(exc)
+                _log.warning("a listing left out invalid record %s: %s", kv.key, exc)
+    return found
+
+
 def pools(store: Store) -> list[Pool]:
-    return [decode_pool(kv) for kv in store.list(keys.POOLS)]
+    return _valid(store.list(keys.POOLS), decode_pool)
 
 
 def blocks(store: Store) -> list[Block]:
-    return [decode_block(kv) for kv in store.list(keys.BLOCKS)]
+    return _valid(store.list(keys.BLOCKS), decode_block)
 
 
 def block(store: Store, cidr: IPv4Network) -> Block | None:
@@ -220,7 +238,7 @@ def block(store: Store, cidr: IPv4Network) -> Block | None:
 
 def networks(store: Store) -> dict[str, Network]:
     """Every network record by id."""
-    return {n.id: n for n in (decode_network(kv) for kv in store.list(keys.NETWORKS))}
+    return {n.id: n for n in _valid(store.list(keys.NETWORKS), decode_network)}
 
 
 def network(store: Store, network_id: str) -> Network | None:
@@ -230,7 +248,7 @@ def network(store: Store, network_id: str) -> Network | None:
 
 def profiles(store: Store) -> list[Profile]:
     """Every profile, sorted by name."""
-    return sorted((decode_profile(kv) for kv in store.list(keys.PROFILES)), key=lambda p: p.name)
+    return sorted(_valid(store.list(keys.PROFILES), decode_profile), key=lambda p: p.name)
 
 
 def _host_scoped(store: Store, kind: str, host: str | None) -> Iterator[tuple[KeyParts, KV]]:
@@ -248,7 +266,7 @@ def endpoint_kvs(store: Store, host: str | None = None) -> list[tuple[KeyParts, 
 
 def endpoints(store: Store, host: str | None = None) -> list[Endpoint]:
     """Every endpoint of ``host``, or of every host."""
-    return [decode_endpoint(kv) for _, kv in _host_scoped(store, ENDPOINT, host)]
+    return _valid((kv for _, kv in _host_scoped(store, ENDPOINT, host)), decode_endpoint)
 
 
 def endpoint(store: Store, host: str, endpoint_id: str) -> tuple[KV, Endpoint] | None:
@@ -258,7 +276,7 @@ def endpoint(store: Store, host: str, endpoint_id: str) -> tuple[KV, Endpoint] |
 
 def hosts(store: Store) -> list[Host]:
     """Every registered host (host records only; endpoints are not read)."""
-    return [decode_host(kv) for _, kv in _host_scoped(store, HOST, None)]
+    return _valid((kv for _, kv in _host_scoped(store, HOST, None)), decode_host)
 
 
 def host(store: Store, name: str) -> Host | None:
@@ -270,12 +288,13 @@ def node_peers(store: Store, host: str | None = None) -> dict[str, list[Peer]]:
     """Host-specific BGP peers by host."""
     found: dict[str, list[Peer]] = {}
     for parts, kv in _host_scoped(store, NODE_PEER, host):
-        found.setdefault(parts.host or "", []).append(decode_peer(kv))
+        for peer in _valid([kv], decode_peer):
+            found.setdefault(parts.host or "", []).append(peer)
     return found
 
 
 def global_peers(store: Store) -> list[Peer]:
-    return [decode_peer(kv) for kv in store.list(keys.GLOBAL_PEERS)]
+    return _valid(store.list(keys.GLOBAL_PEERS), decode_peer)
 
 
 def bgp_config(store: Store) -> BgpConfig:
@@ -286,8 +305,7 @@ def affinities(store: Store, host: str | None = None) -> dict[str, list[IPv4Netw
     """Blocks by the host that holds affinity for them."""
     prefix = keys.affinity_prefix(host) if host else keys.AFFINITY
     found: dict[str, list[IPv4Network]] = {}
-    for kv in store.list(prefix):
-        owner, cidr = decode_affinity(kv)
+    for owner, cidr in _valid(store.list(prefix), decode_affinity):
         found.setdefault(owner, []).append(cidr)
     return found
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +73,8 @@ def has_route(host: CalicnmHost, prefix: str) -> bool:
     return any(line.split()[0] in (prefix, bare) for line in bird_routes(host))
 
 
-def never(check: object, seconds: float, what: str) -> None:
+def never(check: Callable[[], object], seconds: float, what: str) -> None:
     """``check()`` stays falsy for ``seconds`` (polled every 0.5 s)."""
-    assert callable(check)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         got = check()
@@ -105,7 +104,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             att = fabric.add_host()
             names.append(att.host.name)
             host = CalicnmHost(
-                att.host, att.address, workdir / f"host{i}", f"host{i}", FABRIC_ETCD_URL
+                att.host,
+                att.address,
+                workdir / f"host{i}",
+                f"host{i}",
+                etcd_endpoints=FABRIC_ETCD_URL,
             )
             stack.callback(host.close)
             host.dockerd.prepare()  # the directory of the plugin socket; dockerd is not started
@@ -122,7 +125,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             [*OUTSIDE, IN_POOL],
         )
         stack.enter_context(router)
-        hosts[0].calicnm("bgp", "peer", "add", router.address, "as", str(ROUTER_AS))
+        peer_add = ["bgp", "peer", "add", router.address, "as", str(ROUTER_AS)]
+        wait_until(  # retried: the first etcd writes of a fresh etcd can exceed the CLI's 3 s
+            lambda: hosts[0].calicnm(*peer_add, check=False).returncode == 0,
+            30,
+            "the router added as a global peer",
+            interval=1,
+        )
         yield Lab(fabric, hosts, router)
     # Torn down: no namespace and no process of this module is left.
     assert our_namespaces(names) == []
@@ -136,9 +145,7 @@ def test_only_blocks_inside_routed_pools_reach_the_kernel(lab: Lab) -> None:
         )
         wait_until(lambda h=host: has_route(h, IN_POOL), 20, f"{IN_POOL} on {host.hostname}")
         routes = bird_routes(host)
-        assert [r for r in routes if r.startswith(IN_POOL)] == [
-            f"{IN_POOL} via {lab.router.address} dev eth0 metric 32"
-        ] or any(r.startswith(f"{IN_POOL} via {lab.router.address}") for r in routes)
+        assert any(r.startswith(f"{IN_POOL} via {lab.router.address} ") for r in routes), routes
         for prefix in OUTSIDE:
             assert not has_route(host, prefix), f"{prefix} installed on {host.hostname}"
         assert not [r for r in routes if r.startswith("10.99.")], routes
@@ -164,8 +171,8 @@ def test_password_keeps_a_router_without_it_out(lab: Lab) -> None:
     a, b = lab.hosts
     router = lab.router
     wait_until(lambda: "Established" in lab.to_router(a), 30, "a <-> router before")
-    said = a.calicnm("bgp", "password", SECRET).stdout
     try:
+        said = a.calicnm("bgp", "password", SECRET).stdout
         assert SECRET not in said
         assert a.calicnm("bgp", "password").stdout.strip() == "set"
         for host in (a, b):
@@ -204,10 +211,12 @@ def test_password_keeps_a_router_without_it_out(lab: Lab) -> None:
         )
 
 
-def test_ttl_security_mesh_is_direct_and_a_router_without_it_stays_out(lab: Lab) -> None:
+def test_ttl_security_mesh_is_direct_and_only_a_router_with_it_gets_in(lab: Lab) -> None:
     a, b = lab.hosts
-    a.calicnm("bgp", "ttl-security", "on")
+    router = lab.router
+    wait_until(lambda: "Established" in lab.to_router(a), 30, "a <-> router before")
     try:
+        a.calicnm("bgp", "ttl-security", "on")
         assert a.calicnm("bgp", "ttl-security").stdout.strip() == "on"
         for host in (a, b):
             wait_until(
@@ -216,6 +225,7 @@ def test_ttl_security_mesh_is_direct_and_a_router_without_it_stays_out(lab: Lab)
                 f"TTL security in {host.hostname}'s bird.conf",
             )
         wait_until(lambda: "Established" not in lab.to_router(a), 15, "a's router session to drop")
+        # Between calicnm hosts, direct sessions with GTSM at both ends come up.
         for host in (a, b):
             wait_until(lambda h=host: lab.mesh_up(h), 30, f"mesh with GTSM on {host.hostname}")
         never(
@@ -224,7 +234,29 @@ def test_ttl_security_mesh_is_direct_and_a_router_without_it_stays_out(lab: Lab)
             "a router sending TTL 1 reached Established",
         )
         assert lab.mesh_up(a) and lab.mesh_up(b)
+
+        # The order that brings a router in at once: the router first, then the hosts
+        # (their reconfiguration restarts their sessions; the other way round a host's
+        # session waits out BIRD's error wait time, 60 s or more, after its failures).
+        a.calicnm("bgp", "ttl-security", "off")
+        for host in (a, b):
+            wait_until(
+                lambda h=host: "Established" in lab.to_router(h), 30, f"{host.hostname} <-> router"
+            )
+        router.reconfigure(password=None, ttl_security=True)
+        a.calicnm("bgp", "ttl-security", "on")
+        for host in (a, b):
+            wait_until(
+                lambda h=host: lab.configured(h, "ttl security on;"), 20, "TTL security again"
+            )
+            wait_until(
+                lambda h=host: "Established" in lab.to_router(h) and lab.mesh_up(h),
+                30,
+                f"{host.hostname} <-> router, both with GTSM",
+            )
+        wait_until(lambda: has_route(a, IN_POOL), 20, f"{IN_POOL} on a")
     finally:
+        router.reconfigure(password=None, ttl_security=False)
         a.calicnm("bgp", "ttl-security", "off", check=False)
     for host in (a, b):
         wait_until(lambda h=host: lab.mesh_up(h), 30, f"multihop mesh on {host.hostname}")

@@ -62,7 +62,7 @@ def test_decoders_check_the_key_against_the_value():
     assert records.decode_endpoint(KV(keys.endpoint("h1", EID), ep.to_json(), 3)) == ep
     with pytest.raises(InvalidRequest, match=r"endpoint record .* is invalid"):
         records.decode_endpoint(KV(keys.endpoint("h2", EID), ep.to_json(), 3))
-    with pytest.raises(InvalidRequest, match="not a endpoint key"):
+    with pytest.raises(InvalidRequest, match="not a key of kind endpoint"):
         records.decode_endpoint(KV(keys.host_meta("h1"), ep.to_json(), 3))
     host = Host("h1", "10.1.1.1")
     assert records.decode_host(KV(keys.host_meta("h1"), host.to_json(), 1)) == host
@@ -133,5 +133,7 @@ def test_snapshot_skips_and_lists_invalid_records_and_serves_the_rest():
         keys.host_meta("h3"),
         keys.affinity("h1", "nonsense"),
     }
+    # Listings skip the invalid record too, and serve the rest.
+    assert sorted(h.name for h in records.hosts(store)) == ["h1", "h2"]
     with pytest.raises(InvalidRequest, match=keys.host_meta("h3")):
-        records.hosts(store)
+        records.host(store, "h3")
