@@ -34,6 +34,7 @@ from types import FrameType
 
 from calicnm.config import Config
 from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
+from calicnm.faults import NODE_PID_ENV
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables
 from calicnm.host.markers import Markers, StatusFile
@@ -218,7 +219,9 @@ class Node:
         path = self.config.socket
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         _remove_socket(path)
-        env = {**os.environ, **self.config.to_env()}
+        # The plugin learns the node's pid so a test's injected fault
+        # (faults.point) can kill the node, not just the plugin.
+        env = {**os.environ, **self.config.to_env(), NODE_PID_ENV: str(os.getpid())}
         self._plugin = gunicorn(path, env, self.config.log_level)
         self._plugin.start()
         plugin = self._plugin

@@ -62,6 +62,7 @@ CORE = "core"
 
 LAYERS: dict[str, int] = {
     CORE: 0,
+    "calicnm.faults": 0,
     "calicnm.config": 1,
     "calicnm.store": 1,
     "calicnm.host": 1,
