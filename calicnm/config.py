@@ -75,6 +75,20 @@ SETTINGS = {
         "(the default), accept, or return (to the host's INPUT chain)",
         "drop",
     ),
+    "accept_new_datastore": Setting(
+        "CALICNM_ACCEPT_NEW_DATASTORE",
+        "--accept-new-datastore",
+        "true: serve this etcd although it is not the datastore this host served before "
+        "(an empty or another cluster's etcd); it then becomes this host's datastore",
+        "false",
+    ),
+    "withdraw_on_exit": Setting(
+        "CALICNM_WITHDRAW_ON_EXIT",
+        "--withdraw-on-exit",
+        "true: on a clean stop, shut BIRD down so peers withdraw this host's routes at once "
+        "(by default BIRD and the routes stay up across a node restart)",
+        "false",
+    ),
     "no_default_pools": Setting(
         "CALICNM_NO_DEFAULT_POOLS",
         "--no-default-pools",
@@ -83,6 +97,9 @@ SETTINGS = {
     ),
 }
 
+
+FLAGS = ("no_default_pools", "accept_new_datastore", "withdraw_on_exit")
+"""Settings given on the command line as a bare flag (meaning "true")."""
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "etcd_trusted_ca_file": ("ETCD_CA_CERT_FILE",),
@@ -100,7 +117,7 @@ def add_arguments(
     for name in names:
         s = SETTINGS[name]
         env_note = f" [env {s.env}]"
-        if name == "no_default_pools":
+        if name in FLAGS:
             parser.add_argument(
                 s.flag,
                 dest=name,
@@ -127,6 +144,8 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     docker_host: str = DEFAULT_DOCKER_HOST
     no_default_pools: str = "false"
+    accept_new_datastore: str = "false"
+    withdraw_on_exit: str = "false"
     resync_interval: str = "30"
     endpoint_to_host_action: str = "drop"
 
@@ -193,5 +212,27 @@ class Config:
         return action
 
     @property
+    def cluster_id_path(self) -> str:
+        """Where the node remembers the datastore it serves."""
+        return os.path.join(self.state_dir, "cluster-id")
+
+    @property
+    def lock_path(self) -> str:
+        """The lock one node per host holds while it runs."""
+        return os.path.join(self.state_dir, "node.lock")
+
+    @property
+    def accepts_new_datastore(self) -> bool:
+        return _true(self.accept_new_datastore)
+
+    @property
+    def withdraws_on_exit(self) -> bool:
+        return _true(self.withdraw_on_exit)
+
+    @property
     def default_pools(self) -> bool:
-        return self.no_default_pools.lower() not in ("1", "true", "yes")
+        return not _true(self.no_default_pools)
+
+
+def _true(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")

@@ -15,6 +15,7 @@ status for the CLI.
     │   ├── PoolExhausted
     │   └── DatastoreConflict          compare-and-swap retries ran out
     ├── DatastoreUnavailable       503  etcd cannot be reached
+    ├── ForeignDatastore           503  etcd is not the datastore this host served
     └── DataplaneError             500  the kernel refused a change
 """
 
@@ -63,6 +64,10 @@ class DatastoreConflict(Conflict):
 
 
 class DatastoreUnavailable(CalicnmError):
+    status = 503
+
+
+class ForeignDatastore(CalicnmError):
     status = 503
 
 

@@ -92,8 +92,21 @@ def _ids(body: Any) -> str:
     return " ".join(parts)
 
 
-def build_app(driver: Driver) -> Flask:
-    """A Flask app around an already-built driver (tests pass their own)."""
+UNGUARDED = {
+    "Plugin.Activate",
+    "NetworkDriver.GetCapabilities",
+    "IpamDriver.GetCapabilities",
+    "IpamDriver.GetDefaultAddressSpaces",
+}
+"""The handshake calls, answered even against a foreign datastore."""
+
+
+def build_app(driver: Driver, guard: Callable[[], None] | None = None) -> Flask:
+    """A Flask app around an already-built driver (tests pass their own).
+
+    ``guard`` runs before every call but the handshake; it raises (a
+    ``ForeignDatastore``) when etcd is not the datastore this host serves,
+    so nothing is allocated or released in the wrong one."""
     app = Flask("calicnm")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     table = routes(driver)
@@ -105,6 +118,8 @@ def build_app(driver: Driver) -> Flask:
         body: Any = None
         try:
             body = _body()
+            if guard is not None and method not in UNGUARDED:
+                guard()
             result = handler(body)
         except HTTPException as exc:  # e.g. 413 for a body over MAX_BODY
             _log.warning("call=%s status=%s error=%s", method, exc.code, exc.description)
@@ -130,9 +145,9 @@ def build_app(driver: Driver) -> Flask:
 def create_app() -> Flask:
     """Composition root for gunicorn: wire real adapters from the environment."""
     from calicnm.config import Config
-    from calicnm.wiring import build_driver, setup_logging
+    from calicnm.wiring import build_driver, datastore_guard, setup_logging
 
     config = Config.from_env()
     setup_logging(config.log_level)
-    driver, _store = build_driver(config)
-    return build_app(driver)
+    driver, store = build_driver(config)
+    return build_app(driver, datastore_guard(config, store))

@@ -7,8 +7,10 @@ arguments.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 
 from calicnm.config import Config
 from calicnm.driver import Driver
@@ -16,6 +18,8 @@ from calicnm.host.markers import Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing
 from calicnm.ipam import Allocator
 from calicnm.store.etcd import EtcdStore, EtcdTLS, parse_endpoints
+from calicnm.store.identity import DatastoreGuard, is_cluster_id
+from calicnm.store.kv import Store
 
 EMBEDDED_ETCD_URL = "http://127.0.0.1:2379"
 """Where the node's embedded etcd listens; the default for every client."""
@@ -58,3 +62,27 @@ def build_driver(config: Config) -> tuple[Driver, EtcdStore]:
         agent_problem=lambda: status.problem(time.time()),
     )
     return driver, store
+
+
+def remembered_cluster_id(config: Config) -> str | None:
+    """The cluster id this host's node last served (None: none yet)."""
+    try:
+        with open(config.cluster_id_path) as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    return text if is_cluster_id(text) else None
+
+
+def remember_cluster_id(config: Config, cluster_id: str) -> None:
+    temp = config.cluster_id_path + ".tmp"
+    with open(temp, "w") as fh:
+        fh.write(cluster_id + "\n")
+    os.replace(temp, config.cluster_id_path)
+
+
+def datastore_guard(config: Config, store: Store) -> Callable[[], None] | None:
+    """The plugin's check that etcd is still the datastore this host serves
+    (None before the node has recorded one)."""
+    expected = remembered_cluster_id(config)
+    return None if expected is None else DatastoreGuard(store, expected).check

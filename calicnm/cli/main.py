@@ -40,7 +40,10 @@ NODE_SETTINGS = [
     "state_dir",
     "docker_host",
     "no_default_pools",
+    "accept_new_datastore",
+    "withdraw_on_exit",
     "resync_interval",
+    "endpoint_to_host_action",
 ]
 
 

@@ -50,6 +50,7 @@ from calicnm.profiles import (
 )
 from calicnm.routing.encap import tunnel_routes
 from calicnm.store import keys
+from calicnm.store.identity import DatastoreGuard
 from calicnm.store.kv import Store
 from calicnm.store.records import Snapshot, read_snapshot
 
@@ -90,6 +91,7 @@ class Agent:
         endpoint_to_host: str = "drop",
         status: StatusFile | None = None,
         clock: Callable[[], float] = time.time,
+        guard: DatastoreGuard | None = None,
     ) -> None:
         self._store = store
         self._host = host
@@ -110,13 +112,20 @@ class Agent:
         self._last_good: float | None = None
         self._busy_since: float | None = None
         self._invalid: dict[str, str] = {}
+        self._guard = guard
 
     # ---- one pass ----------------------------------------------------------
 
     def reconcile(self, full: bool = False) -> bool:
         """One pass; returns True when something still waits (a veth not
         there yet, a network not named yet), so the caller comes back soon."""
+        # The datastore must be the one this host serves, before and after
+        # the read: an empty or foreign etcd is never taken as the truth.
+        if self._guard is not None:
+            self._guard.check()
         snapshot = read_snapshot(self._store)
+        if self._guard is not None:
+            self._guard.check()
         self._note_invalid(snapshot.invalid)
         waiting = False
         for hook in self._hooks:

@@ -1,39 +1,54 @@
 """``calicnm node run``: one host's calicnm, in the foreground.
 
 Start order, each step bounded in time and failing with a one-line reason:
-1. kernel checks (rp_filter) and IP forwarding on;
-2. etcd: the cluster in ``ETCD_ENDPOINTS``, or an embedded single-member
+1. one node per host: an exclusive lock in the state directory, and no one
+   answering on the plugin socket; a second node refuses here, having
+   touched nothing of the first (socket, etcd, BIRD, kernel);
+2. kernel checks (rp_filter), IP forwarding, the gateways' local route;
+3. etcd: the cluster in ``ETCD_ENDPOINTS``, or an embedded single-member
    etcd with data under the state dir when it is unset;
-3. defaults in etcd (the default pool) and this host's registration;
-4. one full agent pass, so a restarted node has converged the kernel
-   (chains, ipsets, routes) before it serves Docker again;
-5. the agent thread (watches etcd, keeps the kernel equal to it, names
+4. the datastore's identity (``store.identity``): a datastore that is not
+   the one this host served (empty, or another cluster) is refused unless
+   ``--accept-new-datastore``, and the kernel is left as it was;
+5. defaults in etcd (the default pool) and this host's registration;
+6. one full agent pass, so a restarted node has converged the kernel
+   (chains, ipsets, routes) before it serves Docker again; if it fails the
+   node still starts, reports it (Join then refuses) and keeps retrying;
+7. the agent thread (watches etcd, keeps the kernel equal to it, names
    new networks) and the plugin (gunicorn on the Docker plugin socket; a
    stale socket is removed first).
 
-Then the main loop keeps the host record current and restarts a child
-that died.  SIGTERM or SIGINT stops the plugin and the agent, removes the
-socket, shuts BIRD down (its peers withdraw this host's routes at once),
-stops the embedded etcd and exits 0.  The chains, ipsets and endpoint
-routes are left in place, so containers keep their isolation and their
-same-host connectivity while the node is down; a killed node (SIGKILL)
-leaves BIRD running too.
+Then the main loop keeps the host record current and restarts a child or
+the agent thread that died.  SIGTERM or SIGINT stops the plugin and the
+agent, removes the socket it created, stops the embedded etcd and exits 0.
+Everything else stays: chains, ipsets, endpoint routes and BIRD (so peers
+keep this host's routes and cross-host flows survive a restart or an
+upgrade).  ``--withdraw-on-exit`` shuts BIRD down on the way out, for a
+host leaving for good; ``calicnm node remove`` cleans its records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
 from calicnm.config import Config
-from calicnm.errors import CalicnmError, Conflict, DatastoreUnavailable, InvalidRequest
+from calicnm.errors import (
+    CalicnmError,
+    Conflict,
+    DatastoreUnavailable,
+    ForeignDatastore,
+    InvalidRequest,
+)
 from calicnm.faults import NODE_PID_ENV
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables
@@ -50,9 +65,21 @@ from calicnm.routing.bird import Bird
 from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys, records
 from calicnm.store.etcd import EtcdStore
+from calicnm.store.identity import (
+    DatastoreGuard,
+    claim_cluster_id,
+    new_cluster_id,
+    read_cluster_id,
+)
+from calicnm.store.kv import Store
 from calicnm.store.records import Snapshot
 from calicnm.validation import check_hostname
-from calicnm.wiring import EMBEDDED_ETCD_URL, build_store
+from calicnm.wiring import (
+    EMBEDDED_ETCD_URL,
+    build_store,
+    remember_cluster_id,
+    remembered_cluster_id,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -62,6 +89,68 @@ HOST_RECORD_REFRESH_SECONDS = 10.0
 """How often the node re-writes its host record (its address may change)."""
 CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
+
+
+class AnotherNode(CalicnmError):
+    """A node already runs on this host; this one refuses to start."""
+
+
+class NodeLock:
+    """An exclusive ``flock`` on a file in the state directory, held for the
+    node's life (the kernel drops it when the process dies, however it dies)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise AnotherNode(
+                f"another calicnm node (pid {holder}) is running on this host with state "
+                f"directory {os.path.dirname(path)}; stop it first (this one touched nothing)"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def refuse_live_socket(path: str) -> None:
+    """Refuse to start while someone answers on the plugin socket (a node
+    with another state directory, say); a socket nobody answers on is stale
+    and is replaced later."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise AnotherNode(f"a plugin is already serving {path}; is another calicnm node running?")
+
+
+def adopt_datastore(store: Store, config: Config, where: str) -> str:
+    """The cluster id this node serves (see ``store.identity``): the one it
+    served before, if the datastore still carries it; on a host's first start,
+    the datastore's (written now if it has none).  A datastore with another
+    id, or none, is refused unless the operator accepted it."""
+    remembered = remembered_cluster_id(config)
+    found = read_cluster_id(store)
+    if remembered is not None and found != remembered and not config.accepts_new_datastore:
+        raise ForeignDatastore(
+            f"the datastore at {where} is not the one this host served (cluster "
+            f"id {remembered}, found {found or 'none'}); nothing was changed. If it is meant "
+            "to replace the old one, start the node with --accept-new-datastore"
+        )
+    cluster_id = claim_cluster_id(store, new_cluster_id())
+    if cluster_id != remembered:
+        remember_cluster_id(config, cluster_id)
+    return cluster_id
 
 
 class AgentDied(CalicnmError):
@@ -102,6 +191,8 @@ class Node:
         self._store: EtcdStore | None = None
         self._agent_thread: threading.Thread | None = None
         self._agent_restarts: list[float] = []
+        self._lock: NodeLock | None = None
+        self._socket_owned = False
         self._bird: Bird | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -122,10 +213,14 @@ class Node:
         config = self.config
         check_hostname(config.hostname, "this host's name (CALICNM_HOSTNAME)")
         _ = config.endpoint_to_host  # refuse a bad setting before anything starts
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        # One node per host, decided before anything is touched: a second
+        # node leaves the first one's socket, etcd, BIRD and kernel alone.
+        self._lock = NodeLock(config.lock_path)
+        refuse_live_socket(config.socket)
         check_kernel_settings()
         ensure_forwarding()
         ensure_gateway_route()
-        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         if not config.etcd_endpoints:
             self._etcd = embedded_etcd(config.state_dir)
             self._etcd.start()
@@ -142,6 +237,9 @@ class Node:
                 "(ETCD_TRUSTED_CA_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE)",
                 url,
             )
+
+        cluster_id = adopt_datastore(store, config, store.describe())
+        _log.info("datastore cluster_id=%s", cluster_id)
 
         ip = config.ip or detect_ip(host_addresses())
         if ip is None:
@@ -171,9 +269,13 @@ class Node:
             hooks=hooks,
             endpoint_to_host=config.endpoint_to_host,
             status=StatusFile(config.agent_status_path),
+            guard=DatastoreGuard(store, cluster_id, ttl=0.0),
         )
-        self._agent.first_pass()
-        _log.info("kernel converged with etcd")
+        try:
+            self._agent.first_pass()
+            _log.info("kernel converged with etcd")
+        except Exception as exc:  # serve what can be served; the agent retries
+            _log.error("the first pass failed; the agent keeps retrying: %s", exc)
         self._start_agent()
         self._start_plugin()
 
@@ -218,7 +320,8 @@ class Node:
     def _start_plugin(self) -> None:
         path = self.config.socket
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        _remove_socket(path)
+        _remove_socket(path)  # stale: refuse_live_socket found no one serving it
+        self._socket_owned = True
         # The plugin learns the node's pid so a test's injected fault
         # (faults.point) can kill the node, not just the plugin.
         env = {**os.environ, **self.config.to_env(), NODE_PID_ENV: str(os.getpid())}
@@ -271,8 +374,9 @@ class Node:
         if self._agent_thread is not None:
             self._agent.wake()
             self._agent_thread.join(timeout=10)
-        _remove_socket(self.config.socket)
-        if self._bird is not None:
+        if self._socket_owned:
+            _remove_socket(self.config.socket)
+        if self._bird is not None and self.config.withdraws_on_exit:
             try:
                 self._bird.stop()
             except CalicnmError as exc:
@@ -281,6 +385,8 @@ class Node:
             self._store.close()
         if self._etcd is not None:
             self._etcd.stop()
+        if self._lock is not None:
+            self._lock.release()
         _log.info("node stopped")
 
 

@@ -8,6 +8,7 @@ releases.  Only backward-compatible additions belong here; a change of shape
 means a new ``/calicnm/v2`` root and a migration, not an edit.
 
     /calicnm/v1/config/<name>                       global settings (JSON)
+    /calicnm/v1/config/cluster-id                   this datastore's identity
     /calicnm/v1/ipam/v4/pools/<cidr>                Pool
     /calicnm/v1/ipam/v4/blocks/<cidr>               Block (one CAS unit)
     /calicnm/v1/ipam/v4/affinity/<host>/<cidr>      "" marker: host owns block
@@ -37,6 +38,7 @@ def config(name: str) -> str:
     return f"{ROOT}/config/{name}"
 
 
+CLUSTER_ID = f"{ROOT}/config/cluster-id"
 POOLS = f"{ROOT}/ipam/v4/pools/"
 BLOCKS = f"{ROOT}/ipam/v4/blocks/"
 AFFINITY = f"{ROOT}/ipam/v4/affinity/"

@@ -8,6 +8,7 @@ between these namespaces and their containers.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from lab.cluster import CalicnmHost, Cluster, cluster, wait_until
 from lab.images import DEFAULT_IMAGE as IMG
 from lab.paths import CALICNM
-from tests.e2e.helpers import start_web
+from tests.e2e.helpers import fetch_from, start_web
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +90,32 @@ def test_profiles_work_across_hosts(three: Cluster) -> None:
     b.docker("network", "rm", "billing")
 
 
-def test_a_stopped_host_withdraws_its_routes(three: Cluster) -> None:
+def test_a_restart_keeps_routes_and_withdraw_on_exit_withdraws_them(three: Cluster) -> None:
     a, _b, c = three.hosts
     c_web = serve(c, "webC", "dataman")
     block_routes = lambda: [r for r in a.routes() if "proto bird" in r and c.address in r]  # noqa: E731
     wait_until(block_routes, 20, "C's block on A")
     assert wait_until(lambda: fetch_ok(a, "dataman", c_web), 20, "A -> C")
+    # A clean stop (a restart, an upgrade) keeps BIRD up: A keeps C's routes,
+    # and a client that C's policy already knows keeps reaching C's container.
+    a.docker("run", "-d", "--net", "dataman", "--name", "clientA", IMG, "sleep", "1000")
+    assert wait_until(lambda: fetch_from(a, "clientA", c_web) == "hello", 20, "client -> C")
+    assert c.stop_node() == 0
+    time.sleep(3)
+    assert block_routes(), "a node stop withdrew its routes"
+    assert fetch_from(a, "clientA", c_web) == "hello"
+    # Leaving for good (--withdraw-on-exit) withdraws them at once.
+    c.extra_env["CALICNM_WITHDRAW_ON_EXIT"] = "true"
+    c.start_node()
     assert c.stop_node() == 0
     wait_until(lambda: not block_routes(), 20, "C's routes withdrawn from A")
     assert not fetch_ok(a, "dataman", c_web)
+    del c.extra_env["CALICNM_WITHDRAW_ON_EXIT"]
     c.start_node()
     wait_until(block_routes, 30, "C's routes back on A")
     assert wait_until(lambda: fetch_ok(a, "dataman", c_web), 20, "A -> C again")
     c.docker("rm", "-f", "webC")
+    a.docker("rm", "-f", "clientA")
 
 
 def test_route_reflector_topology(three: Cluster, tmp_path: Path) -> None:
