@@ -102,14 +102,15 @@ class Block:
         del allocations[ordinal]
         return replace(self, allocations=allocations, unallocated=(*self.unallocated, ordinal))
 
-    def with_handle(self, addr: IPv4Address, handle: str) -> Block | None:
-        """Re-own ``addr``; None when it is not allocated."""
+    def with_handle(self, addr: IPv4Address, handle: str, kind: str | None = None) -> Block | None:
+        """Re-own ``addr`` (and re-kind it, when ``kind`` is given); None when
+        it is not allocated."""
         ordinal = self.ordinal(addr)
         held = self.allocations.get(ordinal)
         if held is None:
             return None
         allocations = dict(self.allocations)
-        allocations[ordinal] = Allocation(handle=handle, kind=held.kind)
+        allocations[ordinal] = Allocation(handle=handle, kind=kind or held.kind)
         return replace(self, allocations=allocations)
 
     def addresses_of(self, handle: str) -> list[IPv4Address]:

@@ -15,6 +15,22 @@ Auto-assignment order (as Calico did):
 
 Docker's PoolID is self-describing (see ``PoolRef``) so it survives plugin
 and dockerd restarts without any state of its own.
+
+Handles (who holds an address) and what frees them:
+- ``docker-pending:<unix seconds>:<nonce>``: Docker asked for the address
+  and nobody has claimed it yet (``pending_handle``); the bare legacy
+  ``docker-pending`` means "pending since an unknown time".  ``pending``
+  lists them with their age and ``release_stale_pending`` frees the old
+  ones no endpoint record names.
+- an endpoint id: claimed by CreateEndpoint (``claim``);
+- ``gateway:<network id>`` / ``aux:<network id>``: a network's ``--gateway``
+  and ``--aux-address`` reservations, freed with the network (the driver's
+  docstring has the scheme); ``gateway:<address>`` is the legacy form.
+
+A commit whose reply is lost (``DatastoreUnavailable`` from ``commit``) may or
+may not have been applied: the next try re-reads the block and takes the
+change as made if it is there (the same handle at the same address), so a
+lost reply never allocates twice (see ``_update_block``).
 """
 
 from __future__ import annotations
@@ -23,15 +39,19 @@ import dataclasses
 import ipaddress
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
+from calicnm import faults
 from calicnm.blocks import KIND_ENDPOINT, Allocation, Block
 from calicnm.errors import (
     AddressInUse,
     Conflict,
+    DatastoreConflict,
+    DatastoreUnavailable,
     InvalidRequest,
     NotFound,
     PoolExhausted,
@@ -48,6 +68,56 @@ POOLS_GUARD = keys.config("pools-generation")
 """Bumped by every pool add/remove, so concurrent overlapping adds conflict."""
 
 ANY_POOL_ID = "calicnm:any"
+
+PENDING = "docker-pending"
+"""Handle prefix of an address Docker asked for that no endpoint has claimed
+yet; alone, the legacy handle of one pending since an unknown time."""
+
+AMBIGUOUS_RETRIES = 3
+"""How many commits of one block update may end without a reply (applied or
+not, nobody knows) before the update gives up with ``DatastoreUnavailable``."""
+
+
+def pending_handle(now: float, nonce: str) -> str:
+    """The handle of an address Docker requests at ``now`` (unix seconds).
+
+    ``nonce`` makes the handle unique to the request: after a lost commit
+    reply the allocator recognises its own allocation by its handle, and two
+    requests within one second must never both take one address for theirs."""
+    return f"{PENDING}:{int(now)}:{nonce}"
+
+
+def is_pending(handle: str) -> bool:
+    return handle == PENDING or handle.startswith(PENDING + ":")
+
+
+def pending_since(handle: str) -> int | None:
+    """Unix seconds at which a pending handle was made; None for the legacy
+    bare handle (or any pending handle without a readable time)."""
+    if not is_pending(handle):
+        raise InvalidRequest(f"handle {handle!r} is not a pending handle")
+    stamp = handle.split(":")[1] if handle != PENDING else ""
+    return int(stamp) if stamp.isascii() and stamp.isdigit() else None
+
+
+def gateway_handle(network_id: str) -> str:
+    """Owner of a network's ``--gateway`` address."""
+    return f"gateway:{network_id}"
+
+
+def aux_handle(network_id: str) -> str:
+    """Owner of a network's ``--aux-address`` addresses."""
+    return f"aux:{network_id}"
+
+
+class PendingAddress(NamedTuple):
+    """A pending allocation: ``age`` in seconds (None: unknown, a legacy
+    handle), and the exact ``handle`` to give ``release_if_held``."""
+
+    address: IPv4Address
+    age: float | None
+    handle: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -134,7 +204,10 @@ class Allocator:
         self._written: dict[IPv4Network, Block] = {}
         """Blocks as this allocator last wrote them (with the revision of that
         write): the next change to one compares against it without reading
-        it first, and re-reads only when someone else wrote it since."""
+        it first, and re-reads only when someone else wrote it since.  An
+        entry only ever moves forward in revision (``_remember``), whatever
+        order concurrent threads finish their commits in."""
+        self._written_lock = threading.Lock()
         self._spare: dict[IPv4Network, None] = {}
         """This host's blocks that had free space when last seen, in the order
         to try them: the steady-state allocation is one read and one commit."""
@@ -263,27 +336,104 @@ class Allocator:
         ``ref`` for ``handle``."""
         allocation = Allocation(handle=handle, kind=kind)
         if address is not None:
-            return self._assign_exact(ref, address, allocation)
-        return self._assign_auto(ref, allocation, exclude)
+            got = self._assign_exact(ref, address, allocation)
+        else:
+            got = self._assign_auto(ref, allocation, exclude)
+        faults.point("after-assign-commit")
+        return got
 
     def _assign_exact(
         self, ref: PoolRef, address: IPv4Address, allocation: Allocation
     ) -> IPv4Address:
-        pool = self.pool_of(address)
-        if pool is None:
+        if self.pool_of(address) is None:
             raise InvalidRequest(f"address {address} is outside every calicnm pool")
         if ref.subnet is not None and address not in ref.subnet:
             raise InvalidRequest(f"address {address} is outside subnet {ref.subnet}")
-        cidr = _block_of(address, pool)
 
         def change(block: Block) -> Block:
             return block.assign(address, allocation)
 
-        self._update_block(cidr, change, claim_if_absent=True)
+        self._update_exact(address, change, lambda b: b.holder(address) == allocation)
         _log.info(
             "address assigned ip=%s handle=%s kind=%s", address, allocation.handle, allocation.kind
         )
         return address
+
+    def claim(
+        self,
+        address: IPv4Address,
+        handle: str,
+        kind: str = KIND_ENDPOINT,
+        takes_over: Callable[[Allocation], bool] = lambda held: False,
+    ) -> None:
+        """Make ``handle`` (of ``kind``) the holder of ``address``, in one
+        compare-and-swap of its block.
+
+        A free address is allocated (creating its block if need be, under
+        the same pools-generation compare as any claim); one already held by
+        ``handle`` keeps it (kind updated); one held by an allocation that
+        ``takes_over`` accepts (a pending request) changes hands.  Anything
+        else is refused with ``AddressInUse`` naming the holder, and nothing
+        is written.  InvalidRequest if ``address`` is outside every pool."""
+        wanted = Allocation(handle=handle, kind=kind)
+
+        def change(block: Block) -> Block:
+            held = block.holder(address)
+            if held == wanted:
+                raise _Unchanged
+            if held is None:
+                return block.assign(address, wanted)
+            _refuse_claim(address, held, handle, takes_over)
+            new = block.with_handle(address, handle, kind)
+            if new is None:  # pragma: no cover - held is not None
+                raise _Unchanged
+            return new
+
+        try:
+            self._update_exact(address, change, lambda b: b.holder(address) == wanted)
+        except _Unchanged:
+            return
+        _log.info("address claimed ip=%s handle=%s kind=%s", address, handle, kind)
+
+    def check_claim(
+        self,
+        address: IPv4Address,
+        handle: str,
+        takes_over: Callable[[Allocation], bool] = lambda held: False,
+    ) -> None:
+        """Refuse now, with the error ``claim`` would raise, a claim that
+        cannot succeed as things stand; writes nothing.  (A read: ``claim``
+        still compares, so a change in between is caught there.)"""
+        info = self.info(address)
+        if info.pool is None:
+            raise InvalidRequest(f"address {address} is outside every calicnm pool")
+        if info.holder is not None:
+            _refuse_claim(address, info.holder, handle, takes_over)
+
+    def _update_exact(
+        self, address: IPv4Address, change: Callable[[Block], Block], done: Callable[[Block], bool]
+    ) -> None:
+        """Apply ``change`` to the block of ``address``, creating (claiming)
+        the block if it does not exist.  The pool is looked up in the cached
+        pool list first, and a claim compares the pools generation that list
+        was read at: if a pool was added or removed meanwhile, the lookup is
+        made again on a fresh list, so an exact claim never creates a block
+        in a pool that is gone.  InvalidRequest when no pool holds it."""
+        for fresh in (False, True, True):
+            guard, known = self._known_pools(fresh)
+            pool = next((p for p in known if address in p.cidr), None)
+            if pool is None:
+                if fresh:
+                    raise InvalidRequest(f"address {address} is outside every calicnm pool")
+                continue
+            try:
+                self._update_block(
+                    _block_of(address, pool), change, claim_if_absent=True, guard=guard, done=done
+                )
+            except _PoolsChanged:
+                continue
+            return
+        raise DatastoreConflict(f"the pool list kept changing while claiming {address}")
 
     def _assign_auto(
         self, ref: PoolRef, allocation: Allocation, exclude: tuple[IPv4Network, ...]
@@ -408,10 +558,13 @@ class Allocator:
             chosen[:] = [addr]
             return new
 
+        def done(block: Block) -> bool:
+            return bool(chosen) and block.holder(chosen[0]) == allocation
+
         try:
             try:
                 self._update_block(
-                    cidr, change, claim_if_absent=claim, only_claim=claim, guard=guard
+                    cidr, change, claim_if_absent=claim, only_claim=claim, guard=guard, done=done
                 )
             except _AlreadyClaimed:
                 # Someone created it first; if that someone is this host (a
@@ -419,7 +572,7 @@ class Allocator:
                 block = self._block(cidr)
                 if block is None or block.affinity != self._host:
                     return None
-                self._update_block(cidr, change, claim_if_absent=False)
+                self._update_block(cidr, change, claim_if_absent=False, done=done)
         except (_BlockFull, _NoBlock):
             self._spare.pop(cidr, None)
             return None
@@ -427,25 +580,40 @@ class Allocator:
 
     def release(self, address: IPv4Address) -> bool:
         """Free ``address``; False (not an error) if it was not allocated."""
+        return self._release(address, None)
+
+    def release_if_held(self, address: IPv4Address, handle: str) -> bool:
+        """Free ``address`` only if ``handle`` still holds it: the handle is
+        compared in the same compare-and-swap as the release, so an address
+        that changed hands since it was seen (claimed by an endpoint,
+        released and requested again) is left alone.  True if freed."""
+        return self._release(address, handle)
+
+    def _release(self, address: IPv4Address, handle: str | None) -> bool:
         pool = self.pool_of(address)
         if pool is None:
             return False
-        released = [False]
 
         def change(block: Block) -> Block:
-            new = block.release(address)
-            if new is None:
+            held = block.holder(address)
+            if held is None or (handle is not None and held.handle != handle):
                 raise _Unchanged
-            released[0] = True
+            new = block.release(address)
+            if new is None:  # pragma: no cover - held is not None
+                raise _Unchanged
             return new
 
         cidr = _block_of(address, pool)
         try:
-            self._update_block(cidr, change, claim_if_absent=False)
+            # After a lost reply: the address is free, so the release was made.
+            self._update_block(
+                cidr, change, claim_if_absent=False, done=lambda b: b.holder(address) is None
+            )
         except (_Unchanged, _NoBlock):
             return False
-        _log.info("address released ip=%s", address)
-        return released[0]
+        faults.point("after-release-commit")
+        _log.info("address released ip=%s handle=%s", address, handle or "-")
+        return True
 
     def set_handle(self, address: IPv4Address, handle: str) -> bool:
         """Record the owner of an allocated address (False if not allocated)."""
@@ -464,8 +632,12 @@ class Allocator:
                 raise _Unchanged
             return new
 
+        def done(block: Block) -> bool:
+            held = block.holder(address)
+            return held is not None and held.handle == handle
+
         try:
-            self._update_block(_block_of(address, pool), change, claim_if_absent=False)
+            self._update_block(_block_of(address, pool), change, claim_if_absent=False, done=done)
         except _NoBlock:
             return False
         except _Unchanged:
@@ -475,11 +647,59 @@ class Allocator:
 
     def release_by_handle(self, handle: str) -> list[IPv4Address]:
         """Free every address owned by ``handle`` (scans blocks)."""
+        return self.release_handles({handle})
+
+    def release_handles(self, handles: Collection[str]) -> list[IPv4Address]:
+        """Free every address held by one of ``handles``: one listing of the
+        blocks, then one ``release_if_held`` each, so an address that changed
+        hands since the listing is left alone.  Returns the addresses freed."""
         freed = []
         for block in self._blocks():
-            for addr in block.addresses_of(handle):
-                if self.release(addr):
-                    freed.append(addr)
+            for ordinal, held in sorted(block.allocations.items()):
+                address = block.address(ordinal)
+                if held.handle in handles and self.release_if_held(address, held.handle):
+                    freed.append(address)
+        return freed
+
+    def pending(self, now: float) -> list[PendingAddress]:
+        """Every pending allocation (an address Docker requested that no
+        endpoint or network has claimed), with its age at ``now`` (unix
+        seconds; None for a legacy handle without a time), oldest first."""
+        found = []
+        for block in self._blocks():
+            for ordinal, held in sorted(block.allocations.items()):
+                if is_pending(held.handle):
+                    since = pending_since(held.handle)
+                    age = None if since is None else now - since
+                    found.append(
+                        PendingAddress(block.address(ordinal), age, held.handle, held.kind)
+                    )
+        return sorted(found, key=lambda p: (p.age is None, -(p.age or 0.0), p.address))
+
+    def release_stale_pending(self, now: float, max_age: float) -> list[IPv4Address]:
+        """Free the pending allocations older than ``max_age`` seconds: what a
+        lost reply or a replayed RequestAddress left behind.
+
+        Left alone: legacy handles without a time (they may be the aux
+        addresses of a network made before handles carried one), addresses
+        some endpoint record (of any host) names (a CreateEndpoint cut short
+        between its record and its claim; the record is what to clean up),
+        and any address whose handle changed since it was listed (the
+        release compares it).  Returns the addresses freed."""
+        stale = [p for p in self.pending(now) if p.age is not None and p.age > max_age]
+        if not stale:
+            return []
+        named = {ip for ep in records.endpoints(self._store) for ip in ep.ipv4}
+        freed = []
+        for p in stale:
+            if p.address in named:
+                _log.warning(
+                    "pending address %s is named by an endpoint record; not released", p.address
+                )
+                continue
+            if self.release_if_held(p.address, p.handle):
+                _log.info("stale pending address released ip=%s age=%.0fs", p.address, p.age)
+                freed.append(p.address)
         return freed
 
     def info(self, address: IPv4Address) -> AddressInfo:
@@ -535,6 +755,18 @@ class Allocator:
     def _block(self, cidr: IPv4Network) -> Block | None:
         return records.block(self._store, cidr)
 
+    def _take_written(self, cidr: IPv4Network) -> Block | None:
+        with self._written_lock:
+            return self._written.pop(cidr, None)
+
+    def _remember(self, block: Block) -> None:
+        """Keep ``block`` as this allocator's latest write of it, unless a
+        newer revision is already kept (another thread's later commit)."""
+        with self._written_lock:
+            kept = self._written.get(block.cidr)
+            if kept is None or kept.revision < block.revision:
+                self._written[block.cidr] = block
+
     def _update_block(
         self,
         cidr: IPv4Network,
@@ -542,6 +774,7 @@ class Allocator:
         claim_if_absent: bool,
         only_claim: bool = False,
         guard: int | None = None,
+        done: Callable[[Block], bool] | None = None,
     ) -> None:
         """Apply ``change`` to block ``cidr`` atomically, re-reading on conflict.
 
@@ -552,14 +785,26 @@ class Allocator:
         A claim also compares the pools generation against ``guard`` (when
         given), so a pool removed meanwhile is never claimed from
         (``_PoolsChanged``).  Exceptions raised by ``change`` propagate untouched.
+
+        A commit that raises ``DatastoreUnavailable`` lost its reply: it may
+        have been applied.  The next try re-reads the block and, if ``done``
+        says the change is already in it (this allocation, same handle, same
+        address), counts it as made; otherwise the change is made again on
+        what was read.  After ``AMBIGUOUS_RETRIES`` such commits the error
+        propagates (the change may or may not be in the store then).
         """
         # The first try compares against this allocator's own last write of
         # the block (no read); every later try re-reads it.
-        known = [self._written.pop(cidr, None)]
+        known = [self._take_written(cidr)]
+        unsure: list[DatastoreUnavailable] = []
 
         def attempt() -> bool | None:
             cached = known.pop() if known else None
             current = cached if cached is not None else self._block(cidr)
+            if unsure and current is not None and done is not None and done(current):
+                _log.info("block %s: a commit whose reply was lost was applied", cidr)
+                self._remember(current)
+                return True
             if current is None:
                 if not claim_if_absent:
                     raise _NoBlock
@@ -582,8 +827,16 @@ class Allocator:
                     compare=[(keys.block(cidr), current.revision)],
                     puts=[(keys.block(cidr), new.to_json())],
                 )
-            if revision := self._store.commit(txn):
-                self._written[cidr] = dataclasses.replace(new, revision=revision)
+            try:
+                revision = self._store.commit(txn)
+            except DatastoreUnavailable as exc:
+                unsure.append(exc)
+                if len(unsure) > AMBIGUOUS_RETRIES:
+                    raise
+                _log.warning("block %s: commit outcome unknown (%s); re-reading", cidr, exc)
+                return None
+            if revision:
+                self._remember(dataclasses.replace(new, revision=revision))
                 if current is None:
                     _log.info("block claimed block=%s host=%s", cidr, self._host)
                 return True
@@ -617,6 +870,14 @@ class _Unchanged(Exception):
     pass
 
 
+def _refuse_claim(
+    address: IPv4Address, held: Allocation, handle: str, takes_over: Callable[[Allocation], bool]
+) -> None:
+    """AddressInUse unless ``handle`` may hold ``address`` that ``held`` holds."""
+    if held.handle != handle and not takes_over(held):
+        raise AddressInUse(f"address {address} is already in use ({held.kind} {held.handle})")
+
+
 def _bump(guard: KV | None) -> str:
     return str(int(guard.value) + 1 if guard and guard.value.isdigit() else 1)
 
@@ -625,4 +886,17 @@ def _block_of(address: IPv4Address, pool: Pool) -> IPv4Network:
     return ipaddress.IPv4Network(f"{address}/{pool.block_prefix}", strict=False)
 
 
-__all__ = ["ANY_POOL_ID", "AddressInUse", "AddressInfo", "Allocator", "PoolRef"]
+__all__ = [
+    "ANY_POOL_ID",
+    "PENDING",
+    "AddressInUse",
+    "AddressInfo",
+    "Allocator",
+    "PendingAddress",
+    "PoolRef",
+    "aux_handle",
+    "gateway_handle",
+    "is_pending",
+    "pending_handle",
+    "pending_since",
+]

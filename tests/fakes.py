@@ -140,6 +140,63 @@ class MemoryStore:
         return sorted(self._data)
 
 
+WriteHook = Callable[[list[str]], None]
+
+
+class HookedStore(MemoryStore):
+    """A ``MemoryStore`` with hooks around every write (``put``, ``delete``,
+    ``commit``), for the moments a test must control: another writer
+    landing between a read and a write, a reply lost after the write.
+
+    ``before_write(keys)`` runs before a write is tried, with the keys it
+    writes or deletes; ``after_write(keys)`` runs after a write has been
+    applied, in the writer's thread, before the call returns (a commit
+    whose compare failed was not applied and calls no ``after_write``).
+    Either may raise, e.g. ``DatastoreUnavailable``: before the write it
+    fails cleanly, after it the write is in the store and the reply lost.
+    A hook that writes to the store itself is not called again meanwhile.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_write: WriteHook | None = None
+        self.after_write: WriteHook | None = None
+        self._in_hook = threading.local()
+
+    def _hook(self, hook: WriteHook | None, keys: list[str]) -> None:
+        if hook is None or getattr(self._in_hook, "on", False):
+            return
+        self._in_hook.on = True
+        try:
+            hook(keys)
+        finally:
+            self._in_hook.on = False
+
+    def put(self, key: str, value: str) -> None:
+        self._hook(self.before_write, [key])
+        super().put(key, value)
+        self._hook(self.after_write, [key])
+
+    def delete(self, key: str) -> bool:
+        self._hook(self.before_write, [key])
+        found = super().delete(key)
+        self._hook(self.after_write, [key])
+        return found
+
+    def commit(self, txn: Txn) -> int:
+        keys = [k for k, _ in txn.puts] + list(txn.deletes)
+        self._hook(self.before_write, keys)
+        revision = super().commit(txn)
+        if revision:
+            self._hook(self.after_write, keys)
+        return revision
+
+    def contents(self) -> dict[str, tuple[str, int]]:
+        """Every key with its value and revision: equal before and after a
+        call exactly when the call wrote nothing."""
+        return {kv.key: (kv.value, kv.revision) for kv in self.list("")}
+
+
 class FakePlumbing:
     def __init__(self) -> None:
         self.links: dict[str, LinkPlan] = {}

@@ -156,6 +156,33 @@ def update_endpoint(
     return _update_record(store, key, records.decode_endpoint, change, Endpoint.to_json, what)
 
 
+def write_endpoint(store: Store, key: str, endpoint: Endpoint) -> Endpoint:
+    """Create the endpoint record at ``key``, or, when one is there already
+    (Docker repeated a CreateEndpoint), replace it with ``endpoint`` while
+    keeping the explicit profile list an operator gave it (unless
+    ``endpoint`` has its own).  A stored record that does not decode is
+    replaced whole.  Compare-and-swap (``kv.update``): an edit made between
+    the read and the write is re-read and kept, never overwritten.  Returns
+    the endpoint as stored afterwards."""
+    result: list[Endpoint] = [endpoint]
+
+    def edit(kv: KV | None) -> str | None:
+        new = endpoint
+        if kv is not None and endpoint.profiles is None:
+            try:
+                current: Endpoint | None = records.decode_endpoint(kv)
+            except InvalidRequest:
+                current = None
+            if current is not None and current.profiles is not None:
+                new = dataclasses.replace(endpoint, profiles=current.profiles)
+        result[:] = [new]
+        text = new.to_json()
+        return None if kv is not None and kv.value == text else text
+
+    update(store, key, edit, f"Endpoint {endpoint.id[:MIN_ID_PREFIX]}")
+    return result[0]
+
+
 def update_endpoint_profiles(
     store: Store,
     endpoint_id: str,
