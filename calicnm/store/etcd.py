@@ -2,24 +2,62 @@
 python-etcd3 (and grpc).
 
 Every failure is translated into calicnm errors: an unreachable cluster is
-``DatastoreUnavailable``; nothing else leaks a grpc or etcd3 exception.
-With several endpoints it fails over to the next one when a call cannot
-reach the current one, so a single dead member does not stop the host.
+``DatastoreUnavailable``, anything else etcd or the client library refuses
+is a ``CalicnmError``; no grpc, etcd3 or channel exception leaves a method.
+
+Clients: one per endpoint, made on first use and kept until ``close()``.
+Failover only changes which one is *current*; it never closes a client,
+since other threads may be in the middle of a call on it.  A call tries the
+current endpoint, then the others in turn, for up to ``timeout`` seconds
+(short outages such as a leader election become latency, not errors).
+
+Watches do not use python-etcd3's watcher (one shared thread per client that
+re-opens its stream in a tight loop while etcd is down, and raises once the
+client is closed).  Each watch has its own gRPC stream and thread: when the
+stream breaks it calls ``notify(False)`` once and ends; the caller watches
+again, on whichever endpoint answers then.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest
 from calicnm.store.kv import ABSENT, KV, Txn
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GRPC_OPTIONS = [
+    # A member that comes back is tried again within 2 s, not after gRPC's
+    # default backoff of up to 120 s (calls to a channel in backoff fail at
+    # once without trying).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+REQUIRE_LEADER = ("hasleader", "true")
+"""Watch-stream metadata: etcd cancels the stream ("no leader") when its member
+loses the leader, instead of keeping a watch open that can never deliver."""
+RETRY_PAUSE = (0.05, 0.5)
+"""First and longest pause between rounds over all endpoints."""
+
+# gRPC status codes that say "this endpoint did not (reliably) serve the
+# call": try the next one.  UNKNOWN is what a broken TLS handshake gives,
+# INTERNAL and CANCELLED what a connection torn down mid-call can give.
+_REACHABILITY_CODES = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "CANCELLED"}
+)
+
+
+class _Unreachable(Exception):
+    """Raised inside a call when the endpoint did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +99,11 @@ class EtcdTLS:
 class EtcdStore:
     """python-etcd3 behind the ``Store`` protocol.
 
-    Thread-safe: grpc channels are; the failover index is guarded.  Each call
-    has ``timeout`` seconds; a call that cannot reach any endpoint raises
-    ``DatastoreUnavailable`` naming them all.
+    Thread-safe: one client (gRPC channel) per endpoint, shared by all
+    threads; the current endpoint and the client table are guarded by a
+    lock.  A call that cannot be served by any endpoint within ``timeout``
+    seconds (each endpoint tried at least once) raises
+    ``DatastoreUnavailable`` naming them all.  ``close()`` is final.
     """
 
     def __init__(
@@ -77,7 +117,8 @@ class EtcdStore:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._current = 0
-        self._client: Any = None
+        self._clients: dict[int, Any] = {}
+        self._closed = False
 
     def insecure_remote_endpoints(self) -> list[str]:
         """Endpoints reached over plain http that are not on this host."""
@@ -89,15 +130,25 @@ class EtcdStore:
         ]
 
     def describe(self) -> str:
-        return ",".join(
-            f"{'https' if e.secure else 'http'}://{e.host}:{e.port}" for e in self._endpoints
-        )
+        return ",".join(_url(e) for e in self._endpoints)
+
+    def current(self) -> str:
+        """URL of the endpoint calls try first (the last one that answered)."""
+        with self._lock:
+            return _url(self._endpoints[self._current])
+
+    # ---- clients and failover ----------------------------------------------
 
     def _connect(self, index: int) -> Any:
         import etcd3
 
         ep = self._endpoints[index]
-        kwargs: dict[str, Any] = {"host": ep.host, "port": ep.port, "timeout": self._timeout}
+        kwargs: dict[str, Any] = {
+            "host": ep.host,
+            "port": ep.port,
+            "timeout": self._timeout,
+            "grpc_options": GRPC_OPTIONS,
+        }
         if ep.secure or self._tls.ca_file:
             if not self._tls.ca_file:
                 raise InvalidRequest(
@@ -114,43 +165,75 @@ class EtcdStore:
         except (ValueError, OSError) as exc:
             raise InvalidRequest(f"cannot set up etcd TLS: {exc}") from exc
 
-    def _client_for(self, index: int) -> Any:
+    def _client(self, index: int) -> Any:
+        """The client of endpoint ``index``, made on first use and then kept
+        (until ``close()``) whichever endpoint is current."""
         with self._lock:
-            if self._client is None or index != self._current:
-                if self._client is not None:
-                    self._client.close()
-                self._client = self._connect(index)
-                self._current = index
-            return self._client
+            if self._closed:
+                raise DatastoreUnavailable("the etcd client is closed")
+            client = self._clients.get(index)
+            if client is None:
+                client = self._clients[index] = self._connect(index)
+            return client
 
-    def _call(self, fn: Callable[[Any], Any]) -> Any:
-        import etcd3.exceptions as e3
+    def _settle(self, tried_first: int, served: int, why: str) -> None:
+        if served == tried_first:
+            return
+        with self._lock:
+            if self._current != tried_first:
+                return  # another thread moved it already
+            self._current = served
+        _log.warning(
+            "etcd endpoint %s failed (%s); using %s now",
+            _url(self._endpoints[tried_first]),
+            why,
+            _url(self._endpoints[served]),
+        )
 
-        start = self._current
-        failures = []
-        for step in range(len(self._endpoints)):
-            index = (start + step) % len(self._endpoints)
-            client = self._client_for(index)
-            try:
-                return fn(client)
-            except (e3.ConnectionFailedError, e3.ConnectionTimeoutError, e3.WatchTimedOut) as exc:
-                ep = self._endpoints[index]
-                failures.append(f"{ep.host}:{ep.port}")
-                _log.warning("etcd endpoint %s:%s unreachable: %s", ep.host, ep.port, exc)
-                last: Exception = exc
-            except e3.Etcd3Exception as exc:
-                raise CalicnmError(f"etcd error: {exc!r}") from exc
-            except Exception as exc:
-                # grpc errors without an etcd3 translation (e.g. UNKNOWN on a
-                # broken TLS handshake) are reachability problems too.
-                if type(exc).__module__.startswith("grpc"):
-                    failures.append(f"{self._endpoints[index].host}:{self._endpoints[index].port}")
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """``fn(client)`` on the current endpoint, else on the next ones.
+
+        Rounds over all endpoints repeat (with a short pause) until one
+        answers or ``timeout`` seconds have passed; every endpoint is tried
+        at least once.  ``fn`` must be safe to run again on another endpoint
+        after a failure whose outcome is unknown (see ``commit``)."""
+        deadline = time.monotonic() + self._timeout
+        pause = RETRY_PAUSE[0]
+        failures: dict[int, str] = {}
+        last: Exception | None = None
+        while True:
+            with self._lock:
+                start = self._current
+            for step in range(len(self._endpoints)):
+                index = (start + step) % len(self._endpoints)
+                client = self._client(index)
+                try:
+                    result = fn(client)
+                except CalicnmError:
+                    raise
+                except Exception as exc:
+                    if self._closed:
+                        raise DatastoreUnavailable("the etcd client is closed") from exc
+                    reachability, text = _classify(exc)
+                    if not reachability:
+                        raise CalicnmError(
+                            f"etcd at {_url(self._endpoints[index])} refused the request: {text}"
+                        ) from exc
+                    _log.debug("etcd endpoint %s: %s", _url(self._endpoints[index]), text)
+                    failures[index] = text
                     last = exc
                     continue
-                raise
-        raise DatastoreUnavailable(
-            f"etcd is unreachable at {', '.join(failures)} ({last})"
-        ) from last
+                self._settle(start, index, failures.get(start, "no answer"))
+                return result
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_PAUSE[1])
+        where = ", ".join(f"{self._endpoints[i].host}:{self._endpoints[i].port}" for i in failures)
+        reasons = "; ".join(dict.fromkeys(failures.values()))
+        raise DatastoreUnavailable(f"etcd is unreachable at {where} ({reasons})") from last
+
+    # ---- the Store protocol --------------------------------------------------
 
     def get(self, key: str) -> KV | None:
         value, meta = self._call(lambda c: c.get(key))
@@ -176,57 +259,339 @@ class EtcdStore:
         return bool(self._call(lambda c: c.delete(key)))
 
     def commit(self, txn: Txn) -> int:
+        """Apply ``txn`` if its compares hold: the new revision, else 0.
+
+        A call that fails on the way (a member stopped, a timeout) may still
+        have been applied.  Failing over and running the txn again would then
+        lose its compare to *its own* write and report 0, and the caller would
+        redo its change on top of itself (IPAM: a second address for one
+        request, the first one leaked).  So a retry that loses its compare
+        asks etcd's history whether the earlier try was applied (see
+        ``_applied_revision``) and if so returns that try's revision.  Once
+        the retry has run, the earlier try can no longer apply: its compare
+        is stale."""
+        tries = [0]
+
         def run(c: Any) -> int:
-            import etcd3.etcdrpc as etcdrpc
+            tries[0] += 1
+            return _commit(c, txn, check_applied=tries[0] > 1)
 
-            compare = []
-            for key, revision in txn.compare:
-                if revision == ABSENT:
-                    compare.append(c.transactions.version(key) == 0)
-                else:
-                    compare.append(c.transactions.mod(key) == revision)
-            success = [c.transactions.put(k, v) for k, v in txn.puts]
-            success += [c.transactions.delete(k) for k in txn.deletes]
-            # etcd3's own transaction() drops the response header; the
-            # header's revision is the new mod_revision of every key written,
-            # which lets IPAM compare against its own last write next time
-            # instead of reading the block again.
-            request = etcdrpc.TxnRequest(
-                compare=[x.build_message() for x in compare],
-                success=c._ops_to_requests(success),
-                failure=[],
-            )
-            response = c.kvstub.Txn(
-                request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
-            )
-            return int(response.header.revision) if response.succeeded else 0
-
-        return int(self._call(run))
+        return self._call(run)
 
     def watch(self, prefix: str, notify: Callable[[bool], None]) -> Callable[[], None]:
         """Call ``notify(True)`` on every change under ``prefix`` and
         ``notify(False)`` once if the watch breaks (it is then dead: watch
-        again).  Returns a function that cancels the watch."""
+        again).  Returns a function that cancels the watch (idempotent; once
+        it has returned, only a ``notify`` call already under way can still
+        finish).
 
-        def callback(response: Any) -> None:
-            notify(not isinstance(response, Exception))
+        The watch is made on the first endpoint that answers; it breaks when
+        that member stops, loses its leader, or the store is closed."""
 
-        watch_id = self._call(lambda c: c.add_watch_prefix_callback(prefix, callback))
-        client = self._client
+        def start(client: Any) -> _Watch:
+            return _Watch(client, prefix, notify, self._timeout).start()
 
-        def cancel() -> None:
-            try:
-                client.cancel_watch(watch_id)
-            except Exception as exc:  # the channel may already be gone
-                _log.debug("cancelling watch: %s", exc)
-
-        return cancel
+        return self._call(start).cancel
 
     def close(self) -> None:
+        """Close every client.  Calls still running fail with
+        ``DatastoreUnavailable``, live watches report ``notify(False)``;
+        later calls raise ``DatastoreUnavailable``."""
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            self._closed = True
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            try:
+                client.close()
+            except Exception as exc:  # closing must not fail the caller
+                _log.debug("closing an etcd client: %s", exc)
+
+
+def _url(ep: EtcdEndpoint) -> str:
+    return f"{'https' if ep.secure else 'http'}://{ep.host}:{ep.port}"
+
+
+def _rpc_text(err: Any) -> str:
+    try:
+        code = err.code()
+        details = err.details()
+    except Exception:
+        return str(err)
+    name = getattr(code, "name", str(code))
+    return f"{name}: {details}" if details else str(name)
+
+
+def _classify(exc: BaseException) -> tuple[bool, str]:
+    """(does it say the endpoint could not serve the call?, a one-line text)."""
+    import etcd3.exceptions as e3
+    import grpc
+
+    if isinstance(exc, _Unreachable):
+        return True, str(exc)
+    if isinstance(exc, grpc.RpcError):
+        code = getattr(exc.code(), "name", "") if hasattr(exc, "code") else ""
+        return code in _REACHABILITY_CODES, _one_line(_rpc_text(exc))
+    if isinstance(exc, e3.Etcd3Exception):
+        # etcd3 translated a grpc error (which it keeps as __context__).
+        cause = exc.__context__
+        text = _rpc_text(cause) if isinstance(cause, grpc.RpcError) else repr(exc)
+        reachability = isinstance(
+            exc,
+            (
+                e3.ConnectionFailedError,
+                e3.ConnectionTimeoutError,
+                e3.InternalServerError,
+                e3.WatchTimedOut,
+            ),
+        )
+        return reachability, _one_line(text)
+    if isinstance(exc, ValueError) and any(
+        words in str(exc).lower() for words in ("closed channel", "channel closed")
+    ):
+        # grpc: "Cannot invoke RPC on closed channel!" ("...: Channel closed!")
+        return True, str(exc)
+    _log.error("unexpected error from the etcd client", exc_info=exc)
+    return False, _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _commit(c: Any, txn: Txn, check_applied: bool) -> int:
+    import etcd3.etcdrpc as etcdrpc
+    import etcd3.transactions as ops
+
+    compare = []
+    for key, revision in txn.compare:
+        if revision == ABSENT:
+            compare.append(c.transactions.version(key) == 0)
+        else:
+            compare.append(c.transactions.mod(key) == revision)
+    success = [ops.Put(k, v) for k, v in txn.puts] + [ops.Delete(k) for k in txn.deletes]
+    failure = [ops.Get(k) for k in _keys_of(txn)] if check_applied else []
+    # etcd3's own transaction() drops the response header; the header's
+    # revision is the new mod_revision of every key written, which lets IPAM
+    # compare against its own last write next time instead of reading the
+    # block again.
+    request = etcdrpc.TxnRequest(
+        compare=[x.build_message() for x in compare],
+        success=c._ops_to_requests(success),
+        failure=c._ops_to_requests(failure),
+    )
+    response = c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+    if response.succeeded:
+        return int(response.header.revision)
+    if not check_applied:
+        return 0
+    now = {
+        key: (r.response_range.kvs[0] if r.response_range.kvs else None)
+        for key, r in zip(_keys_of(txn), response.responses, strict=True)
+    }
+    return _applied_revision(c, txn, now, int(response.header.revision))
+
+
+def _keys_of(txn: Txn) -> list[str]:
+    keys = [k for k, _ in txn.compare] + [k for k, _ in txn.puts] + list(txn.deletes)
+    return list(dict.fromkeys(keys))
+
+
+def _applied_revision(c: Any, txn: Txn, now: dict[str, Any], header: int) -> int:
+    """The revision at which an earlier try of ``txn``, whose answer was lost,
+    was applied; 0 if it was not (or if that cannot be told any more).
+
+    ``now`` holds the txn's keys as they are at revision ``header``, read in
+    the same etcd txn as the retry that just lost its compare.  The evidence
+    comes from history, which nothing can change: the first change after the
+    compared revision of a compared key (for "must not exist": the key's
+    creation) is the only write that can be this txn; it is, if at that
+    revision every key the txn puts holds exactly its value and was written
+    then (one etcd txn, one revision), and every key it deletes is gone."""
+    import grpc
+
+    puts = dict(txn.puts)
+    evidence = [(k, r) for k, r in txn.compare if k in puts or k in txn.deletes]
+    if not evidence:
+        return 0
+    key, compared = evidence[0]
+    kv = now[key]
+    try:
+        if compared == ABSENT:
+            if kv is None or key not in puts:
+                return 0
+            candidate = int(kv.create_revision)
+        else:
+            if kv is not None and kv.mod_revision == compared:
+                return 0  # unchanged since: the compare failed on another key
+            high = int(kv.mod_revision) if kv is not None else header
+            candidate = _first_change_after(c, key, compared, high)
+        for k, value in txn.puts:
+            old = _range_at(c, k, candidate)
+            if old is None or old.mod_revision != candidate:
+                return 0
+            if old.value != value.encode("utf-8", "surrogateescape"):
+                return 0
+        for k in txn.deletes:
+            if _range_at(c, k, candidate) is not None:
+                return 0
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+            raise
+        _log.warning("cannot tell whether a lost etcd txn was applied: history compacted (%s)", exc)
+        return 0
+    _log.info("an etcd txn whose answer was lost had been applied at revision %d", candidate)
+    return candidate
+
+
+def _range_at(c: Any, key: str, revision: int) -> Any:
+    """``key`` as it was at ``revision`` (its KeyValue, None if absent)."""
+    import etcd3.etcdrpc as etcdrpc
+
+    # Built here: etcd3 0.12's request builder drops its ``revision`` argument.
+    request = etcdrpc.RangeRequest(key=key.encode("utf-8", "surrogateescape"), revision=revision)
+    response = c.kvstub.Range(
+        request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+    )
+    return response.kvs[0] if response.kvs else None
+
+
+def _first_change_after(c: Any, key: str, revision: int, changed: int) -> int:
+    """The first revision after ``revision`` (where ``key`` was last written)
+    at which ``key`` was written or deleted; ``changed`` is a revision by
+    which it had been.  A binary search over history: log2(changed -
+    revision) reads."""
+    low, high = revision, changed
+    while high - low > 1:
+        middle = (low + high) // 2
+        kv = _range_at(c, key, middle)
+        if kv is not None and kv.mod_revision == revision:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+class _Watch:
+    """One watch on one client: its own gRPC stream and reader thread.
+
+    States: ``starting`` (until etcd confirms), ``live``, ``cancelled`` (by
+    the caller) or ``broken``.  A live watch that breaks calls
+    ``notify(False)`` exactly once and its thread ends; a cancelled one ends
+    quietly.  Nothing is raised in the thread."""
+
+    def __init__(
+        self, client: Any, prefix: str, notify: Callable[[bool], None], timeout: float
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._notify = notify
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._state = "starting"
+        self._created = threading.Event()
+        self._error: Exception | None = None
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._stream: Any = None
+
+    def start(self) -> _Watch:
+        """Open the stream and wait (``timeout``) for etcd to confirm the
+        watch; raises (for ``_call`` to classify) if it does not."""
+        import etcd3.etcdrpc as etcdrpc
+        import etcd3.utils as utils
+
+        key = self._prefix.encode()
+        self._requests.put(
+            etcdrpc.WatchRequest(
+                create_request=etcdrpc.WatchCreateRequest(
+                    key=key, range_end=utils.increment_last_byte(key)
+                )
+            )
+        )
+        metadata = (*(self._client.metadata or ()), REQUIRE_LEADER)
+        stub = etcdrpc.WatchStub(self._client.channel)
+        self._stream = stub.Watch(
+            self._request_iter(), credentials=self._client.call_credentials, metadata=metadata
+        )
+        threading.Thread(target=self._run, name=f"etcd-watch {self._prefix}", daemon=True).start()
+        if not self._created.wait(self._timeout):
+            self.cancel()
+            raise _Unreachable(f"no answer to a watch request in {self._timeout:.0f}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._state in ("cancelled", "broken"):
+                return
+            self._state = "cancelled"
+        self._created.set()
+        self._requests.put(None)
+        try:
+            self._stream.cancel()
+        except Exception as exc:  # the channel may already be closed
+            _log.debug("cancelling an etcd watch: %s", exc)
+
+    def _request_iter(self) -> Iterator[Any]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _run(self) -> None:
+        error: Exception
+        try:
+            for response in self._stream:
+                if not self._handle(response):
+                    break
+            error = _Unreachable("the etcd watch stream ended")
+        except Exception as exc:  # RpcError, ValueError (closed channel), ...
+            error = exc
+        finally:
+            self._requests.put(None)  # ends gRPC's request-sending thread
+        self._end(error)
+
+    def _handle(self, response: Any) -> bool:
+        """Deal with one response; False when the watch is over."""
+        if response.compact_revision or response.canceled:
+            reason = response.cancel_reason or f"compacted at {response.compact_revision}"
+            with self._lock:
+                starting = self._state == "starting"
+            if starting:
+                self._error = CalicnmError(f"etcd refused the watch on {self._prefix}: {reason}")
+            else:
+                _log.warning("etcd ended the watch on %s: %s", self._prefix, reason)
+            return False
+        if response.created:
+            with self._lock:
+                if self._state == "starting":
+                    self._state = "live"
+            self._created.set()
+            return True
+        with self._lock:
+            live = self._state == "live"
+        if live:
+            self._safe_notify(True)
+        return live
+
+    def _end(self, error: Exception) -> None:
+        with self._lock:
+            state = self._state
+            if state in ("starting", "live"):
+                self._state = "broken"
+        if state == "starting":
+            if self._error is None:
+                self._error = error
+            self._created.set()
+        elif state == "live":
+            _, text = _classify(error)
+            _log.warning("etcd watch on %s broke: %s", self._prefix, text)
+            self._safe_notify(False)
+
+    def _safe_notify(self, healthy: bool) -> None:
+        try:
+            self._notify(healthy)
+        except Exception:
+            _log.exception("etcd watch callback failed")
 
 
 def _text(raw: bytes) -> str:
