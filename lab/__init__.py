@@ -11,7 +11,10 @@ Debian docker client.  It must run as root.  Modules, lowest first:
 - :mod:`lab.fabric`: ``Fabric``, the L2 underlay the hosts attach to;
 - :mod:`lab.images`: the busybox image every emulated dockerd imports;
 - :mod:`lab.dockerd`: ``DockerHost``, a dockerd inside a namespace;
-- :mod:`lab.etcd`: ``EtcdServer`` on loopback, and ``fabric_etcd`` in the fabric;
+- :mod:`lab.etcd`: ``EtcdServer`` and the 3-member ``EtcdCluster`` on loopback, and
+  ``fabric_etcd`` / ``fabric_etcd_cluster`` in the fabric;
+- :mod:`lab.tls`: a throwaway CA for etcd with client certificates;
+- :mod:`lab.bgp_peer`: ``BirdPeer``, an outside BGP router in a namespace;
 - :mod:`lab.cluster`: ``CalicnmHost`` (namespace + calicnm node + dockerd) and ``Cluster``.
 
 Global invariants
@@ -19,7 +22,8 @@ Global invariants
 * Every name the lab creates (network namespaces, interfaces, temp dirs, cgroups) starts
   with ``cnmt`` and every kernel name is at most 15 characters long.
 * Nothing is ever created in, or sent to, the root network namespace, with one exception:
-  :class:`lab.etcd.EtcdServer` listens on ``127.0.0.1`` (free ports) there.  Hosts and the
+  :class:`lab.etcd.EtcdServer` and :class:`lab.etcd.EtcdCluster` listen on ``127.0.0.1``
+  (free ports) there.  Hosts and the
   fabric live in their own namespaces, veth pairs are created directly between those
   namespaces, and the only addresses involved are ``198.18.0.0/24`` inside the fabric, the
   containers' addresses inside the hosts, and loopback.
