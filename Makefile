@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: deps run test unit lint bench clean
+.PHONY: deps run test unit lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ lint: deps
 	$(VENV)/bin/ruff format --check calicnm lab bench tests
 	$(VENV)/bin/mypy
 
+# The tiers run in TEST_WORKERS processes (pytest-xdist), one test file per worker at a
+# time: every file builds its own namespaces, dockerds and etcds, and most of an e2e
+# test's time is spent waiting on them, not on the CPU.
+TEST_WORKERS ?= 3
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Unit tests only: no root, nothing installed outside .venv, a few seconds.
 unit: $(STAMP)
@@ -43,6 +47,14 @@ bench: deps
 	out=bench/results/$$(date -u +%Y%m%dT%H%M%SZ); \
 	$(PY) -m bench.dataplane --out $$out && $(PY) -m bench.controlplane --out $$out && \
 	echo "report: $$out"
+
+# Container start/stop cycles on 3 emulated hosts under injected faults (node kill -9,
+# dockerd and etcd restarts), then leaks by kind and the idle cost; report in
+# bench/results/<UTC time>/soak.md.  SOAK_MINUTES sets the length.
+SOAK_MINUTES ?= 30
+soak: deps
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --fault-every 30 \
+		--out bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-soak
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

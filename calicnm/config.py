@@ -1,9 +1,19 @@
 """Settings shared by the node, the plugin and the CLI.
 
 Each setting has one environment variable and one flag of the same meaning
-(``ETCD_ENDPOINTS`` / ``--etcd-endpoints`` ...).  Flags win over the
-environment; the node passes its final settings to the plugin process it
+(``ETCD_ENDPOINTS`` / ``--etcd-endpoints`` ...), and may be written in the
+configuration file, ``/etc/calicnm/calicnm.env`` unless ``CALICNM_CONFIG_FILE``
+(or ``--config``) names another: ``NAME=value`` lines, as systemd's
+``EnvironmentFile=`` reads them.  Precedence: flags, then the environment,
+then the file, then the defaults; ``Config.sources`` says where each value
+came from.  The node passes its final settings to the plugin process it
 starts through the same environment variables, so both always agree.
+
+A missing default file is no error (a host configured by its environment);
+a file named explicitly must exist, and a line that is not ``NAME=value``,
+or a ``CALICNM_``/``ETCD_`` name that is not a setting (a typo), is refused
+with its line number.  Other names (another program's, in a shared file)
+are ignored.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from calicnm.errors import InvalidRequest
@@ -19,6 +30,9 @@ from calicnm.profiles import ENDPOINT_TO_HOST_ACTIONS
 DEFAULT_SOCKET = "/run/docker/plugins/calicnm.sock"
 DEFAULT_STATE_DIR = "/var/lib/calicnm"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+DEFAULT_CONFIG_FILE = "/etc/calicnm/calicnm.env"
+CONFIG_FILE_ENV = "CALICNM_CONFIG_FILE"
+MAX_CONFIG_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,20 @@ SETTINGS = {
         "seconds between the agent's full resyncs (drift repair)",
         "30",
     ),
+    "reconcile_interval": Setting(
+        "CALICNM_RECONCILE_INTERVAL",
+        "--reconcile-interval",
+        "seconds between the node's ownership checks, which collect what crashes and lost "
+        "Docker calls left (stale endpoint records, orphan veths, leaked addresses); a "
+        "finding is repaired once seen this long apart (at least 5 s)",
+        "60",
+    ),
+    "pending_max_age": Setting(
+        "CALICNM_PENDING_MAX_AGE",
+        "--pending-max-age",
+        "seconds after which an address Docker requested but never used is freed",
+        "300",
+    ),
     "endpoint_to_host_action": Setting(
         "CALICNM_ENDPOINT_TO_HOST_ACTION",
         "--endpoint-to-host-action",
@@ -103,6 +131,7 @@ FLAGS = ("no_default_pools", "accept_new_datastore", "withdraw_on_exit")
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "etcd_trusted_ca_file": ("ETCD_CA_CERT_FILE",),
+    "hostname": ("NODENAME",),
     "endpoint_to_host_action": ("FELIX_DEFAULTENDPOINTTOHOSTACTION",),
 }
 """Calico's names for the same settings, read when calicnm's own is unset."""
@@ -147,23 +176,42 @@ class Config:
     accept_new_datastore: str = "false"
     withdraw_on_exit: str = "false"
     resync_interval: str = "30"
+    reconcile_interval: str = "60"
+    pending_max_age: str = "300"
     endpoint_to_host_action: str = "drop"
 
     @classmethod
     def from_env(
-        cls, args: argparse.Namespace | None = None, environ: dict[str, str] | None = None
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
     ) -> Config:
+        return cls.load(args, environ)[0]
+
+    @classmethod
+    def load(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> tuple[Config, dict[str, str]]:
+        """The settings, and for each the source of its value: ``flag``,
+        ``env NAME``, ``file PATH`` or ``default``."""
         env = os.environ if environ is None else environ
+        path, named = config_file_path(args, env)
+        file_values = read_config_file(path, required=named)
         values: dict[str, str] = {}
+        sources: dict[str, str] = {}
         for f in fields(cls):
-            s = SETTINGS[f.name]
             flag_value = getattr(args, f.name, None) if args is not None else None
-            value = flag_value if flag_value is not None else env.get(s.env)
-            if value is None:
-                value = next((env[n] for n in ALIASES.get(f.name, ()) if n in env), None)
-            if value not in (None, ""):
-                values[f.name] = str(value)
-        return cls(**values)
+            if flag_value not in (None, ""):
+                values[f.name], sources[f.name] = str(flag_value), "flag"
+                continue
+            for source, mapping in (("env", env), (f"file {path}", file_values)):
+                found = _lookup(f.name, mapping)
+                if found is not None:
+                    name, value = found
+                    values[f.name] = value
+                    sources[f.name] = f"env {name}" if source == "env" else source
+                    break
+            else:
+                sources[f.name] = "default"
+        return cls(**values), sources
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a child process these same settings."""
@@ -194,11 +242,15 @@ class Config:
 
     @property
     def resync_seconds(self) -> float:
-        try:
-            value = float(self.resync_interval)
-        except ValueError:
-            value = 30.0
-        return max(value, 1.0)
+        return _seconds(self.resync_interval, "resync interval", 1.0)
+
+    @property
+    def reconcile_seconds(self) -> float:
+        return _seconds(self.reconcile_interval, "reconcile interval", 1.0)
+
+    @property
+    def pending_max_age_seconds(self) -> float:
+        return _seconds(self.pending_max_age, "pending max age", 10.0)
 
     @property
     def endpoint_to_host(self) -> str:
@@ -210,6 +262,11 @@ class Config:
                 f"{', '.join(ENDPOINT_TO_HOST_ACTIONS)}"
             )
         return action
+
+    @property
+    def in_flight_dir(self) -> str:
+        """Where the plugin marks the ids its Docker calls are working on."""
+        return os.path.join(self.state_dir, "in-flight")
 
     @property
     def cluster_id_path(self) -> str:
@@ -232,6 +289,79 @@ class Config:
     @property
     def default_pools(self) -> bool:
         return not _true(self.no_default_pools)
+
+
+def _lookup(name: str, mapping: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, value) of setting ``name`` in ``mapping``: its own variable,
+    else the first alias set; empty values count as unset."""
+    for variable in (SETTINGS[name].env, *ALIASES.get(name, ())):
+        value = mapping.get(variable)
+        if value not in (None, ""):
+            return variable, str(value)
+    return None
+
+
+def config_file_path(
+    args: argparse.Namespace | None, environ: Mapping[str, str]
+) -> tuple[str, bool]:
+    """The configuration file to read, and whether it was named explicitly."""
+    flag = getattr(args, "config", None) if args is not None else None
+    named = flag or environ.get(CONFIG_FILE_ENV)
+    return (str(named), True) if named else (DEFAULT_CONFIG_FILE, False)
+
+
+def read_config_file(path: str, required: bool = False) -> dict[str, str]:
+    """``NAME=value`` lines of ``path`` (``#`` comments, blank lines, an
+    optional ``export``, values optionally in single or double quotes).
+    InvalidRequest, naming the line, for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        if required:
+            raise InvalidRequest(f"configuration file {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read configuration file {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidRequest(f"configuration file {path} is larger than 64 KiB")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"configuration file {path} is not UTF-8") from None
+    known = {s.env for s in SETTINGS.values()} | {a for v in ALIASES.values() for a in v}
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            raise InvalidRequest(f"{path}:{number}: expected NAME=value")
+        if name not in known:
+            if name.startswith(("CALICNM_", "ETCD_")):  # a typo in a name of ours
+                raise InvalidRequest(f"{path}:{number}: {name} is not a calicnm setting")
+            continue  # another program's setting in a shared file
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if "\0" in value:
+            raise InvalidRequest(f"{path}:{number}: {name} holds a NUL character")
+        values[name] = value
+    return values
+
+
+def _seconds(text: str, what: str, least: float) -> float:
+    """A positive number of seconds, at least ``least``; InvalidRequest
+    for anything else."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value == value or value <= 0 or value == float("inf"):  # NaN, <= 0, inf
+        raise InvalidRequest(f"{what} must be a positive number of seconds, not {text!r}")
+    return max(value, least)
 
 
 def _true(text: str) -> bool:

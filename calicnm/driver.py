@@ -186,12 +186,16 @@ class Driver:
         agent_problem: Callable[[], str | None] | None = None,
         join_wait: float = JOIN_WAIT_SECONDS,
         clock: Callable[[], float] = time.time,
+        in_flight: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
     ) -> None:
         """``programmed(endpoint_id)`` says whether the agent has programmed an
         endpoint, and ``agent_problem()`` why the agent is not healthy (None
         when it is).  Join refuses while the agent is not healthy, and waits
         at most ``join_wait`` seconds for the endpoint to be programmed.
-        ``clock`` (unix seconds) stamps pending address handles."""
+        ``clock`` (unix seconds) stamps pending address handles.
+        ``in_flight(id)`` marks an endpoint or network id while CreateNetwork,
+        CreateEndpoint or DeleteEndpoint works on it (``host.markers.InFlight``),
+        so the ownership collector leaves its half-made state alone."""
         self._store = store
         self._ipam = ipam
         self._plumbing = plumbing
@@ -200,6 +204,7 @@ class Driver:
         self._agent_problem = agent_problem
         self._join_wait = join_wait
         self._clock = clock
+        self._in_flight = in_flight or (lambda _ident: contextlib.nullcontext())
 
     # ---- handshake -------------------------------------------------------
 
@@ -375,12 +380,15 @@ class Driver:
             raise InvalidRequest(f"address(es) {', '.join(twice)} reserved twice (gateway/aux)")
         for address, handle, _kind, takes_over in reservations:
             self._ipam.check_claim(address, handle, takes_over)
-        for address, handle, kind, takes_over in reservations:
-            self._ipam.claim(address, handle, kind, takes_over)
-        if not create(self._store, keys.network(network_id), network.to_json()):
-            existing = self.network(network_id)
-            if existing.ipv4_pools != network.ipv4_pools:
-                raise InvalidRequest(f"network {network_id[:12]} already exists with other pools")
+        with self._in_flight(network_id):  # reservations bound before the record exists
+            for address, handle, kind, takes_over in reservations:
+                self._ipam.claim(address, handle, kind, takes_over)
+            if not create(self._store, keys.network(network_id), network.to_json()):
+                existing = self.network(network_id)
+                if existing.ipv4_pools != network.ipv4_pools:
+                    raise InvalidRequest(
+                        f"network {network_id[:12]} already exists with other pools"
+                    )
         if profile:
             ensure_profile(self._store, profile)
         _log.info(
@@ -472,16 +480,17 @@ class Driver:
         # must find the interface in place), then the address's owner.  A
         # failure anywhere after the veth may exist takes the record and the
         # veth away again, and Docker releases the address.
-        try:
-            self._plumbing.create(plan)
-            faults.point("after-veth")
-            write_endpoint(self._store, key, endpoint)
-            faults.point("after-record")
-            self._ipam.claim(address, endpoint_id, KIND_ENDPOINT, _takes_request)
-            faults.point("after-set-handle")
-        except Exception:  # whatever failed, nothing may stay half-made
-            self._undo_create(key, plan)
-            raise
+        with self._in_flight(endpoint_id):
+            try:
+                self._plumbing.create(plan)
+                faults.point("after-veth")
+                write_endpoint(self._store, key, endpoint)
+                faults.point("after-record")
+                self._ipam.claim(address, endpoint_id, KIND_ENDPOINT, _takes_request)
+                faults.point("after-set-handle")
+            except Exception:  # whatever failed, nothing may stay half-made
+                self._undo_create(key, plan)
+                raise
         _log.info(
             "endpoint created network=%s endpoint=%s ip=%s if=%s",
             network_id[:12],
@@ -520,10 +529,11 @@ class Driver:
         req = _obj(body)
         endpoint_id = check_id(req.get("EndpointID"), "EndpointID")
         plan = plan_link(endpoint_id, "", ())
-        self._plumbing.remove(plan.host_if, plan.peer_if)
-        faults.point("after-veth-removal")
-        faults.point("before-record-delete")
-        self._store.delete(keys.endpoint(self._host, endpoint_id))
+        with self._in_flight(endpoint_id):
+            self._plumbing.remove(plan.host_if, plan.peer_if)
+            faults.point("after-veth-removal")
+            faults.point("before-record-delete")
+            self._store.delete(keys.endpoint(self._host, endpoint_id))
         _log.info("endpoint deleted endpoint=%s", endpoint_id[:12])
         return {}
 

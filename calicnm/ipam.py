@@ -794,7 +794,8 @@ class Allocator:
         propagates (the change may or may not be in the store then).
         """
         # The first try compares against this allocator's own last write of
-        # the block (no read); every later try re-reads it.
+        # the block (no read); every later try re-reads it.  Only a commit may
+        # rest on that cached copy: any other outcome re-reads first.
         known = [self._take_written(cidr)]
         unsure: list[DatastoreUnavailable] = []
 
@@ -820,9 +821,18 @@ class Allocator:
                     ],
                 )
             else:
-                if only_claim:
-                    raise _AlreadyClaimed
-                new = change(current)
+                try:
+                    if only_claim:
+                        raise _AlreadyClaimed
+                    new = change(current)
+                except Exception:
+                    if cached is None:
+                        raise
+                    # Only a commit compares the cached block with etcd: any
+                    # other outcome (refused, nothing to do) may rest on a
+                    # block another writer (the collector, the CLI, another
+                    # host) changed since; it is decided again on a fresh read.
+                    return None
                 txn = Txn(
                     compare=[(keys.block(cidr), current.revision)],
                     puts=[(keys.block(cidr), new.to_json())],

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from calicnm.config import Config
 from calicnm.driver import Driver
-from calicnm.host.markers import Markers, StatusFile
+from calicnm.host.markers import InFlight, Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing
 from calicnm.ipam import Allocator
 from calicnm.store.etcd import EtcdStore, EtcdTLS, parse_endpoints
@@ -25,6 +25,18 @@ EMBEDDED_ETCD_URL = "http://127.0.0.1:2379"
 """Where the node's embedded etcd listens; the default for every client."""
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s"
+
+
+QUIET_LIBRARIES = ("werkzeug", "urllib3", "pyroute2", "asyncio")
+"""Loggers whose records below WARNING never reach calicnm's log."""
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+        return True
+    return not any(
+        record.name == name or record.name.startswith(name + ".") for name in QUIET_LIBRARIES
+    )
 
 
 def setup_logging(level: str) -> None:
@@ -38,8 +50,10 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(numeric)
-    for noisy in ("werkzeug", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    # Libraries' chatter stays out of calicnm's log at any level.  A filter
+    # on the handler, not a logger level: pyroute2 resets its own logger's
+    # level when it is first imported, which happens later.
+    handler.addFilter(_quiet_libraries)
 
 
 def build_store(config: Config, timeout: float = 5.0) -> EtcdStore:
@@ -60,6 +74,7 @@ def build_driver(config: Config) -> tuple[Driver, EtcdStore]:
         config.hostname,
         programmed=markers.is_set,
         agent_problem=lambda: status.problem(time.time()),
+        in_flight=InFlight(config.in_flight_dir).held,
     )
     return driver, store
 

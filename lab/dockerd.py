@@ -315,16 +315,22 @@ class DockerHost(Managed):
             raise
         return self
 
-    def stop_daemon(self, timeout: float = 20) -> None:
-        """Stop dockerd (SIGTERM, SIGKILL after ``timeout``) and kill whatever it left running,
+    def stop_daemon(self, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
+        """Stop dockerd (``sig``, SIGKILL after ``timeout``) and kill whatever it left running,
         keeping the runtime dir and data root, so :meth:`start_daemon` brings the same host
-        back (containers with a restart policy start again).  :meth:`stop` still tears
-        everything down afterwards, whether or not the daemon was started again."""
+        back (containers with a restart policy start again).  With ``sig=SIGKILL`` dockerd
+        dies as in a power loss: no plugin call is made for its containers, which die with it.
+        :meth:`stop` still tears everything down afterwards, whether or not the daemon was
+        started again."""
         if self.process is None:
             raise HarnessError("DockerHost not started")
-        self.process.stop(signal.SIGTERM, timeout=timeout)
+        self.process.stop(sig, timeout=timeout)
         self.process = None
         kill_until_gone(self._leftover_pids, f"dockerd {self.netns.name} leftovers")
+        # A killed dockerd leaves its own and containerd's pid files behind (as a
+        # reboot clears /run, so does this): a reused pid would look alive.
+        self.pidfile.unlink(missing_ok=True)
+        (self.exec_root / "containerd" / "containerd.pid").unlink(missing_ok=True)
 
     def start_daemon(self, timeout: float = 60) -> None:
         """Start dockerd again after :meth:`stop_daemon`, with the same arguments and

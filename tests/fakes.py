@@ -198,20 +198,65 @@ class HookedStore(MemoryStore):
 
 
 class FakePlumbing:
+    """The host namespace's veth pairs.  ``sandbox`` moves a peer into a
+    container (as Docker does after Join): it is then no longer a link of
+    the host namespace; removing either end removes the pair."""
+
     def __init__(self) -> None:
         self.links: dict[str, LinkPlan] = {}
+        self.sandboxed: set[str] = set()
         self.fail_create = False
 
     def create(self, plan: LinkPlan) -> None:
         if self.fail_create:
             raise DataplaneError(f"cannot create veth {plan.host_if}: test failure")
+        self.remove(plan.host_if, plan.peer_if)  # a leftover is replaced, as on a host
         self.links[plan.host_if] = plan
 
     def remove(self, host_if: str, peer_if: str | None = None) -> bool:
-        return self.links.pop(host_if, None) is not None
+        for plan in list(self.links.values()):
+            if {plan.host_if, plan.peer_if} & {host_if, peer_if} - {None}:
+                del self.links[plan.host_if]
+                self.sandboxed.discard(plan.peer_if)
+                return True
+        return False
 
     def exists(self, ifname: str) -> bool:
-        return any(ifname in (p.host_if, p.peer_if) for p in self.links.values())
+        return ifname in self.links_with_prefix("")
+
+    def sandbox(self, peer_if: str) -> None:
+        assert any(p.peer_if == peer_if for p in self.links.values()), peer_if
+        self.sandboxed.add(peer_if)
+
+    def destroy_sandboxes(self) -> None:
+        """Every container namespace is gone (a reboot, say): with it each
+        sandboxed peer, and so its whole pair."""
+        for plan in list(self.links.values()):
+            if plan.peer_if in self.sandboxed:
+                self.remove(plan.host_if)
+
+    def links_with_prefix(self, *prefixes: str) -> list[str]:
+        names = {p.host_if for p in self.links.values()}
+        names |= {p.peer_if for p in self.links.values() if p.peer_if not in self.sandboxed}
+        return sorted(n for n in names if n.startswith(prefixes))
+
+
+class FakeDocker:
+    """dockerd as the ownership collector reads it: the endpoint ids of each
+    network it knows; ``answering = False`` is a dockerd that is down."""
+
+    def __init__(self) -> None:
+        self.networks: dict[str, set[str]] = {}
+        self.answering = True
+
+    def ping(self) -> None:
+        if not self.answering:
+            raise ConnectionRefusedError("dockerd is down")
+
+    def network_endpoints(self, network_id: str) -> frozenset[str] | None:
+        self.ping()
+        known = self.networks.get(network_id)
+        return None if known is None else frozenset(known)
 
 
 # ---- the kernel at the adapter boundary ----------------------------------------

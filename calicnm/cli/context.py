@@ -18,7 +18,7 @@ from calicnm.wiring import build_store
 class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.config = Config.from_env(args)
+        self.config, self.sources = Config.load(args)
         self._store: EtcdStore | None = None
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.metadata
 import json
 import logging
 import os
@@ -22,7 +23,13 @@ from typing import Any
 from calicnm.cli import table
 from calicnm.cli.context import Command, Context, emit_json, network_label, out
 from calicnm.cli.profile_commands import ENDPOINT_USAGE, pull_remainder_options, rewrite_argv
-from calicnm.config import Config, add_arguments
+from calicnm.config import (
+    CONFIG_FILE_ENV,
+    DEFAULT_CONFIG_FILE,
+    SETTINGS,
+    Config,
+    add_arguments,
+)
 from calicnm.errors import CalicnmError, InvalidRequest, NotFound, Unsupported
 from calicnm.host.markers import StatusFile
 from calicnm.model import Pool, parse_address, parse_network
@@ -43,6 +50,8 @@ NODE_SETTINGS = [
     "accept_new_datastore",
     "withdraw_on_exit",
     "resync_interval",
+    "reconcile_interval",
+    "pending_max_age",
     "endpoint_to_host_action",
 ]
 
@@ -80,51 +89,116 @@ def plugin_activate(path: str, timeout: float = 3.0) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def status_report(ctx: Context) -> tuple[bool, list[str]]:
-    ok = True
-    lines = []
+def status_data(ctx: Context) -> dict[str, Any]:
+    """Everything ``status`` reports, as data: the plugin, etcd, the agent
+    (and the invalid records it skipped), and ``ok`` (all three healthy)."""
+    data: dict[str, Any] = {"host": ctx.config.hostname}
     path = ctx.config.socket
     try:
         implements = plugin_activate(path).get("Implements", [])
-        lines.append(f"calicnm plugin is answering on {path} (implements {', '.join(implements)})")
+        data["plugin"] = {"socket": path, "answering": True, "implements": implements}
     except OSError as exc:
-        ok = False
-        lines.append(f"calicnm plugin is NOT answering on {path}: {exc.strerror or exc}")
+        data["plugin"] = {"socket": path, "answering": False, "error": exc.strerror or str(exc)}
     try:
         endpoints = records.host_counts(ctx.store).get(ctx.config.hostname, 0)
-        lines.append(f"etcd is reachable at {ctx.store.describe()}")
-        lines.append(f"host {ctx.config.hostname}: {endpoints} endpoint(s)")
+        data["etcd"] = {"endpoints": ctx.store.describe(), "reachable": True}
+        data["local_endpoints"] = endpoints
     except CalicnmError as exc:
-        ok = False
-        lines.append(f"etcd: {exc}")
-    agent_ok, agent_lines = agent_report(ctx.config, time.time())
-    return ok and agent_ok, lines + agent_lines
+        data["etcd"] = {"endpoints": ctx.config.etcd_endpoints, "reachable": False}
+        data["etcd"]["error"] = str(exc)
+    data["agent"] = agent_data(ctx.config, time.time())
+    data["ok"] = (
+        data["plugin"]["answering"] and data["etcd"]["reachable"] and data["agent"]["healthy"]
+    )
+    return data
 
 
-def agent_report(config: Config, now: float) -> tuple[bool, list[str]]:
+def status_report(ctx: Context) -> tuple[bool, list[str]]:
+    data = status_data(ctx)
+    return data["ok"], status_lines(data)
+
+
+def status_lines(data: dict[str, Any]) -> list[str]:
+    plugin, etcd, agent = data["plugin"], data["etcd"], data["agent"]
+    if plugin["answering"]:
+        lines = [
+            f"calicnm plugin is answering on {plugin['socket']} "
+            f"(implements {', '.join(plugin['implements'])})"
+        ]
+    else:
+        lines = [f"calicnm plugin is NOT answering on {plugin['socket']}: {plugin['error']}"]
+    if etcd["reachable"]:
+        lines.append(f"etcd is reachable at {etcd['endpoints']}")
+        lines.append(f"host {data['host']}: {data['local_endpoints']} endpoint(s)")
+    else:
+        lines.append(f"etcd: {etcd['error']}")
+    if agent["reported"] is False:
+        lines.append("calicnm agent has NOT reported on this host (is the node running?)")
+        return lines
+    age = agent["last_good_seconds_ago"]
+    ago = "never" if age is None else f"{age:.0f}s ago"
+    if agent["healthy"]:
+        lines.append(f"calicnm agent is healthy: last good pass {ago} ({agent['passes']} passes)")
+    else:
+        lines.append(f"calicnm agent is NOT healthy: {agent['problem']} (last good pass {ago})")
+    for key, reason in sorted(agent["invalid_records"].items()):
+        lines.append(f"INVALID RECORD {key}: {reason}")
+    return lines
+
+
+def agent_data(config: Config, now: float) -> dict[str, Any]:
     """The agent's health from its status file, and the invalid records it
     skipped (each named by its key)."""
     status = StatusFile(config.agent_status_path).read()
     if status is None:
-        return False, ["calicnm agent has NOT reported on this host (is the node running?)"]
+        return {"reported": False, "healthy": False, "invalid_records": {}}
     problem = status.problem(now)
-    age = "never" if status.last_good is None else f"{now - status.last_good:.0f}s ago"
-    if problem is None:
-        lines = [f"calicnm agent is healthy: last good pass {age} ({status.passes} passes)"]
-    else:
-        lines = [f"calicnm agent is NOT healthy: {problem} (last good pass {age})"]
-    for key, reason in sorted(status.invalid.items()):
-        lines.append(f"INVALID RECORD {key}: {reason}")
-    return problem is None, lines
+    return {
+        "reported": True,
+        "healthy": problem is None,
+        "problem": problem,
+        "last_good_seconds_ago": None if status.last_good is None else now - status.last_good,
+        "passes": status.passes,
+        "last_error": status.last_error,
+        "invalid_records": dict(status.invalid),
+    }
 
 
 def cmd_status(ctx: Context) -> int:
     from calicnm.cli.bgp_commands import bgp_status_lines
 
-    ok, lines = status_report(ctx)
-    for line in [*lines, *bgp_status_lines(ctx.config.state_dir)]:
+    data = status_data(ctx)
+    if ctx.args.json:
+        emit_json(data)
+        return 0 if data["ok"] else 1
+    for line in [*status_lines(data), *bgp_status_lines(ctx.config.state_dir)]:
         out(line)
-    return 0 if ok else 1
+    return 0 if data["ok"] else 1
+
+
+def cmd_config_show(ctx: Context) -> int:
+    """The effective settings: each value, and whether a flag, the
+    environment, the configuration file or the default set it."""
+    rows = [
+        {
+            "setting": SETTINGS[name].env,
+            "value": getattr(ctx.config, name),
+            "source": ctx.sources[name],
+        }
+        for name in SETTINGS
+    ]
+    if ctx.args.json:
+        emit_json(rows)
+        return 0
+    out(table.render(["Setting", "Value", "Source"], [list(r.values()) for r in rows]))
+    return 0
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("calicnm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def cmd_diags(ctx: Context) -> int:
@@ -316,6 +390,11 @@ def cmd_ipam_show(ctx: Context) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calicnm", description="calicnm container networking")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument(
+        "--config",
+        help=f"settings file (default {DEFAULT_CONFIG_FILE}) [env {CONFIG_FILE_ENV}]",
+    )
     add_arguments(parser, [*ETCD_SETTINGS, "hostname", "socket"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -324,7 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    config = sub.add_parser("config", help="the settings in effect")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cshow = leaf(config_sub, "show", cmd_config_show, "every setting, its value and its source")
+    cshow.add_argument("--json", action="store_true")
     status = leaf(sub, "status", cmd_status, "is this host's calicnm up? BGP peers")
+    status.add_argument("--json", action="store_true")
     add_arguments(status, ["state_dir"], subcommand=True)
     diags = leaf(sub, "diags", cmd_diags, "collect diagnostics into a tarball")
     diags.add_argument("--out", help="directory for the tarball (default: current)")
@@ -385,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("ip")
     ishow = leaf(ipam_sub, "show", cmd_ipam_show, "pool usage")
     ishow.add_argument("--json", action="store_true")
+    from calicnm.cli.ipam_check import register as register_ipam_check
+
+    register_ipam_check(ipam_sub, leaf)
     return parser
 
 
@@ -392,12 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(rewrite_argv(parser, sys.argv[1:] if argv is None else argv))
     pull_remainder_options(args)
-    ctx = Context(args)
+    ctx: Context | None = None
     if args.fn is not cmd_node_run:
         # Commands speak through their output and one-line errors; library
         # warnings (a failed-over etcd endpoint, say) stay quiet.
         logging.basicConfig(level=logging.ERROR, format="%(message)s")
     try:
+        ctx = Context(args)
         fn: Command = args.fn
         return fn(ctx)
     except CalicnmError as exc:
@@ -411,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calicnm: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
-        ctx.close()
+        if ctx is not None:
+            ctx.close()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,16 @@
   invalid.  Join refuses to start a container while the agent is not
   healthy, and ``calicnm status`` shows it and turns red.
 
-The agent is the only writer of both.  A file system, not etcd, because
-all of them live on one host, and neither may outlive the kernel state it
-vouches for across a datastore switch.  Endpoint ids are checked Docker ids
-(``validation.check_id``) before they become file names.
+- In-flight markers (``InFlight``): one empty file ``<dir>/<id>`` per
+  endpoint or network a Docker call is building or taking apart right now,
+  written by the plugin.  The ownership collector leaves those ids alone,
+  so it never takes apart what a slow call (etcd retrying) is still making.
+
+The agent is the only writer of the first two, the plugin of the third.  A
+file system, not etcd, because all of them live on one host, and none may
+outlive the kernel state it vouches for across a datastore switch.  Endpoint
+ids are checked Docker ids (``validation.check_id``) before they become file
+names.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 
@@ -44,6 +52,65 @@ class Markers:
         for eid in present - programmed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(eid))
+
+
+IN_FLIGHT_MAX_SECONDS = 300.0
+"""An in-flight marker older than this is what a killed call left behind, not
+a call in progress (every call ends well within it: each etcd call is
+bounded by the client's timeout, and Join's wait by ``JOIN_WAIT_SECONDS``)."""
+
+
+class InFlight:
+    """Files ``<dir>/<id>`` meaning "a Docker call is working on this id"."""
+
+    def __init__(self, directory: str, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self._clock = clock
+
+    @contextlib.contextmanager
+    def held(self, ident: str) -> Iterator[None]:
+        """Mark ``ident`` for the duration of the block.  The marker is
+        removed however the block ends; a killed process leaves it, and it
+        stops counting after ``IN_FLIGHT_MAX_SECONDS``."""
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, ident)
+        with open(path, "w"):
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def clear(self) -> None:
+        """Remove every marker: only while no plugin process runs (the node
+        calls it before it starts one), when each is a killed call's."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.directory):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+
+    def active(self) -> frozenset[str]:
+        """The ids marked less than ``IN_FLIGHT_MAX_SECONDS`` ago; leftovers
+        older than that are removed."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return frozenset()
+        now = self._clock()
+        live = set()
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                age = now - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if age < IN_FLIGHT_MAX_SECONDS:
+                live.add(name)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return frozenset(live)
 
 
 STALE_SECONDS = 10.0

@@ -251,7 +251,9 @@ class Agent:
                 try:
                     waiting = self.reconcile(full=full)
                     if full:
-                        next_full = now + self._resync
+                        # From the pass's end: a slow full pass is followed by
+                        # cheap ones, never by another full one at once.
+                        next_full = time.monotonic() + self._resync
                     self.last_error = None
                     self._last_good = self._clock()
                     failures = 0

@@ -16,7 +16,11 @@ Start order, each step bounded in time and failing with a one-line reason:
    node still starts, reports it (Join then refuses) and keeps retrying;
 7. the agent thread (watches etcd, keeps the kernel equal to it, names
    new networks) and the plugin (gunicorn on the Docker plugin socket; a
-   stale socket is removed first).
+   stale socket is removed first);
+8. the ownership collector thread (``node.collector``): at once, then every
+   ``--reconcile-interval`` seconds, it collects what crashes and lost
+   Docker calls left behind; it never acts on a foreign datastore, and
+   waits while Docker does not answer for what only Docker can judge.
 
 Then the main loop keeps the host record current and restarts a child or
 the agent thread that died.  SIGTERM or SIGINT stops the plugin and the
@@ -52,7 +56,7 @@ from calicnm.errors import (
 from calicnm.faults import NODE_PID_ENV
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables
-from calicnm.host.markers import Markers, StatusFile
+from calicnm.host.markers import InFlight, Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing, ensure_gateway_route, host_addresses
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.host.sysctl import check_kernel_settings, ensure_forwarding
@@ -60,7 +64,9 @@ from calicnm.ipam import Allocator
 from calicnm.model import Host
 from calicnm.node.agent import Agent
 from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
-from calicnm.node.network_names import DockerAPI, NetworkNamer
+from calicnm.node.collector import OwnershipCollector, node_grace
+from calicnm.node.docker_api import DockerAPI
+from calicnm.node.network_names import NetworkNamer
 from calicnm.routing.bird import Bird
 from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys, records
@@ -194,6 +200,7 @@ class Node:
         self._lock: NodeLock | None = None
         self._socket_owned = False
         self._bird: Bird | None = None
+        self._collector_thread: threading.Thread | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         _log.info("signal %d received; stopping", signum)
@@ -212,7 +219,9 @@ class Node:
     def _start(self) -> None:
         config = self.config
         check_hostname(config.hostname, "this host's name (CALICNM_HOSTNAME)")
-        _ = config.endpoint_to_host  # refuse a bad setting before anything starts
+        # Refuse a bad setting before anything starts.
+        _ = (config.endpoint_to_host, config.resync_seconds, config.reconcile_seconds)
+        _ = config.pending_max_age_seconds
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         # One node per host, decided before anything is touched: a second
         # node leaves the first one's socket, etcd, BIRD and kernel alone.
@@ -229,7 +238,7 @@ class Node:
         store = build_store(config)
         self._store = store
         wait_for(lambda: self._etcd_ready(store), f"etcd at {store.describe()}", timeout=60)
-        _log.info("etcd ready endpoints=%s", store.describe())
+        _log.info("etcd ready endpoints=%s; docker=%s", store.describe(), config.docker_host)
         for url in store.insecure_remote_endpoints():
             _log.warning(
                 "etcd endpoint %s is not on this host and not TLS: anyone on the network can "
@@ -251,7 +260,10 @@ class Node:
 
         namer = NetworkNamer(store, DockerAPI(config.docker_host))
         hooks: list[Callable[[Snapshot], bool]] = [
-            lambda snap: namer.tick(list(snap.networks.values()))
+            lambda snap: namer.tick(
+                list(snap.networks.values()),
+                {ep.network_id for ep in snap.endpoints if ep.host == config.hostname},
+            )
         ]
         hooks.append(EncapSync(config.hostname, os.path.join(config.state_dir, "problems")))
         if Bird.available():
@@ -278,6 +290,43 @@ class Node:
             _log.error("the first pass failed; the agent keeps retrying: %s", exc)
         self._start_agent()
         self._start_plugin()
+        self._collector = OwnershipCollector(
+            store,
+            config.hostname,
+            HostPlumbing(),
+            DockerAPI(config.docker_host),
+            pending_max_age=config.pending_max_age_seconds,
+            guard=DatastoreGuard(store, cluster_id, ttl=0.0).check,
+            busy=InFlight(config.in_flight_dir).active,
+        )
+        self._collector_thread = threading.Thread(
+            target=self._collect, name="collector", daemon=True
+        )
+        self._collector_thread.start()
+
+    def _collect(self) -> None:
+        """The collector thread: one sweep now, then one per interval, until
+        the node stops.  A sweep that fails is logged and the next one runs."""
+        interval = self.config.reconcile_seconds
+        grace = node_grace(interval)
+        while not self._stop.is_set():
+            try:
+                report = self._collector.sweep(grace)
+                waiting = [f for f in report.findings if f not in report.repaired]
+                if report.repaired or report.failed:
+                    _log.info(
+                        "ownership sweep: %d repaired, %d failed, %d waiting",
+                        len(report.repaired),
+                        len(report.failed),
+                        len(waiting),
+                    )
+                for finding in waiting:
+                    _log.debug("ownership finding %s %s: %s", *finding.key[:2], finding.detail)
+            except CalicnmError as exc:
+                _log.warning("ownership sweep skipped: %s", exc)
+            except Exception:  # the collector must outlive any one sweep
+                _log.exception("ownership sweep failed unexpectedly")
+            self._stop.wait(interval)
 
     def _start_agent(self) -> None:
         store = self._store
@@ -321,6 +370,8 @@ class Node:
         path = self.config.socket
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         _remove_socket(path)  # stale: refuse_live_socket found no one serving it
+        # No plugin process runs now: every in-flight marker is a dead call's.
+        InFlight(self.config.in_flight_dir).clear()
         self._socket_owned = True
         # The plugin learns the node's pid so a test's injected fault
         # (faults.point) can kill the node, not just the plugin.
@@ -374,6 +425,8 @@ class Node:
         if self._agent_thread is not None:
             self._agent.wake()
             self._agent_thread.join(timeout=10)
+        if self._collector_thread is not None:
+            self._collector_thread.join(timeout=10)
         if self._socket_owned:
             _remove_socket(self.config.socket)
         if self._bird is not None and self.config.withdraws_on_exit:

@@ -11,16 +11,12 @@ has a name is never asked about again.
 from __future__ import annotations
 
 import dataclasses
-import http.client
-import json
 import logging
-import socket
 import time
-from collections.abc import Callable
-from typing import Any
-from urllib.parse import quote, urlsplit
+from collections.abc import Callable, Set
 
 from calicnm.model import Network
+from calicnm.node.docker_api import UNREACHABLE, DockerAPI
 from calicnm.store import keys, records
 from calicnm.store.edits import ensure_profile
 from calicnm.store.kv import Store, replace
@@ -28,59 +24,14 @@ from calicnm.store.kv import Store, replace
 _log = logging.getLogger(__name__)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-class DockerAPI:
-    """The two read-only Docker API calls calicnm needs."""
-
-    def __init__(self, docker_host: str, timeout: float = 3.0) -> None:
-        parts = urlsplit(docker_host)
-        self._unix = parts.path if parts.scheme == "unix" else None
-        self._tcp = parts.netloc if parts.scheme in ("tcp", "http") else None
-        self._timeout = timeout
-
-    def _get(self, path: str) -> tuple[int, Any]:
-        conn: http.client.HTTPConnection
-        if self._unix:
-            conn = _UnixHTTPConnection(self._unix, self._timeout)
-        elif self._tcp:
-            conn = http.client.HTTPConnection(self._tcp, timeout=self._timeout)
-        else:
-            raise OSError("DOCKER_HOST must be unix:// or tcp://")
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            body = resp.read()
-        finally:
-            conn.close()
-        return resp.status, json.loads(body) if body else None
-
-    def network_name(self, network_id: str) -> str | None:
-        """The network's name, or None if Docker does not know the id."""
-        status, body = self._get(f"/networks/{quote(network_id)}")
-        if status == 404:
-            return None
-        if status != 200 or not isinstance(body, dict):
-            raise OSError(f"Docker answered {status} for network {network_id[:12]}")
-        name = body.get("Name")
-        return name if isinstance(name, str) else None
-
-
 EAGER_SECONDS = 30.0
 """How long a new unnamed network is asked about on every pass; after that
 (another host's network, say, which this Docker will never know) only every
 ``SLOW_SECONDS``."""
 SLOW_SECONDS = 30.0
+WARN_SECONDS = 10.0
+"""A network this host has endpoints on, still unnamed after this long, is
+logged as a warning once: this host's Docker should know it."""
 
 
 class NetworkNamer:
@@ -96,10 +47,17 @@ class NetworkNamer:
         self._clock = clock
         self._first_seen: dict[str, float] = {}
         self._last_asked: dict[str, float] = {}
+        self._warned: set[str] = set()
 
-    def tick(self, networks: list[Network] | None = None) -> bool:
+    def tick(self, networks: list[Network] | None = None, local: Set[str] = frozenset()) -> bool:
         """One pass over unnamed networks; True while some recent one is still
-        unnamed (come back soon).  Never raises for Docker being unreachable."""
+        unnamed (come back soon).  Never raises for Docker being unreachable.
+
+        ``local`` holds the ids of networks this host has endpoints on: one
+        of those still unnamed after ``WARN_SECONDS`` means this host's
+        Docker does not know a network its own containers use (``DOCKER_HOST``
+        names another daemon), which is logged once as a warning; its traffic
+        is dropped until the profile exists."""
         if networks is None:
             networks = list(records.networks(self._store).values())
         now = self._clock()
@@ -109,12 +67,14 @@ class NetworkNamer:
                 continue
             first = self._first_seen.setdefault(network.id, now)
             recent = now - first < EAGER_SECONDS
+            if network.id in local and now - first >= WARN_SECONDS:
+                self._warn(network.id, now - first)
             if not recent and now - self._last_asked.get(network.id, 0.0) < SLOW_SECONDS:
                 continue
             self._last_asked[network.id] = now
             try:
                 name = self._docker.network_name(network.id)
-            except (OSError, ValueError, http.client.HTTPException) as exc:
+            except UNREACHABLE as exc:
                 _log.debug("docker not answering for network=%s: %s", network.id[:12], exc)
                 return True
             if name is None:
@@ -124,6 +84,18 @@ class NetworkNamer:
         live = {n.id for n in networks}
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
         return eager
+
+    def _warn(self, network_id: str, age: float) -> None:
+        if network_id in self._warned:
+            return
+        self._warned.add(network_id)
+        _log.warning(
+            "network %s has endpoints on this host but no name after %.0fs: the Docker at "
+            "DOCKER_HOST does not know it, so its profile is missing and its traffic is "
+            "dropped; check DOCKER_HOST, or create the network with -o profile=NAME",
+            network_id[:12],
+            age,
+        )
 
     def _name(self, network: Network, name: str) -> None:
         kv = self._store.get(keys.network(network.id))

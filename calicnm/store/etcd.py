@@ -21,6 +21,7 @@ again, on whichever endpoint answers then.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -140,6 +141,11 @@ class EtcdStore:
     # ---- clients and failover ----------------------------------------------
 
     def _connect(self, index: int) -> Any:
+        # gRPC's fork handlers can abort a child forked while its threads are
+        # busy (the node forks etcd, gunicorn and BIRD with a pre-exec hook);
+        # calicnm never uses a client across a fork, so they stay off.  grpc
+        # reads the setting when it is first imported, which is here.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         import etcd3
 
         ep = self._endpoints[index]

@@ -99,3 +99,38 @@ def test_diags_collects_even_when_etcd_is_down(etcd_store, etcd_server, tmp_path
     with tarfile.open(path) as tar:
         dump = tar.extractfile(next(n for n in tar.getnames() if n.endswith("etcd-calicnm.txt")))
         assert "cannot read etcd" in dump.read().decode()
+
+
+def test_version_status_json_and_config_show(etcd_server, tmp_path):
+    version = run(etcd_server.url, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("calicnm ")
+    status = run(
+        etcd_server.url,
+        "--socket",
+        str(tmp_path / "none.sock"),
+        "status",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--json",
+    )
+    assert status.returncode == 1  # no node here: the plugin does not answer
+    data = json.loads(status.stdout)
+    assert data["ok"] is False
+    assert data["plugin"]["answering"] is False
+    assert data["etcd"]["reachable"] is True
+    assert data["agent"]["reported"] is False
+    conf = tmp_path / "calicnm.env"
+    conf.write_text("CALICNM_RESYNC_INTERVAL=7\nCALICNM_HOSTNAME=from-file\n")
+    shown = run(etcd_server.url, "--config", str(conf), "config", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["setting"]: (r["value"], r["source"]) for r in json.loads(shown.stdout)}
+    assert rows["CALICNM_RESYNC_INTERVAL"] == ("7", f"file {conf}")
+    assert rows["CALICNM_HOSTNAME"] == ("cli-host", "env CALICNM_HOSTNAME")
+    assert rows["ETCD_ENDPOINTS"] == (etcd_server.url, "env ETCD_ENDPOINTS")
+    assert rows["CALICNM_LOG_LEVEL"] == ("INFO", "default")
+    conf.write_text("CALICNM_RESYNC_INTERVL=7\n")
+    bad = run(etcd_server.url, "--config", str(conf), "status")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == (
+        f"calicnm: error: {conf}:1: CALICNM_RESYNC_INTERVL is not a calicnm setting"
+    )

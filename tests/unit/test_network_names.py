@@ -7,7 +7,7 @@ import http.client
 import pytest
 
 from calicnm.model import Network
-from calicnm.node.network_names import EAGER_SECONDS, SLOW_SECONDS, NetworkNamer
+from calicnm.node.network_names import EAGER_SECONDS, SLOW_SECONDS, WARN_SECONDS, NetworkNamer
 from calicnm.policy import Profile, parse_rule_spec
 from calicnm.store import keys, records
 from tests.fakes import MemoryStore
@@ -156,3 +156,15 @@ def test_a_network_deleted_meanwhile_is_not_recreated(world):
     namer.tick(networks)
     assert store.get(keys.network(NET)) is None
     assert records.profiles(store) == []
+
+
+def test_a_local_network_docker_never_names_is_warned_about_once(world, caplog):
+    store, _docker, clock, namer = world
+    add_network(store, NET)
+    add_network(store, OTHER)  # another host's network: never warned about
+    for _ in range(5):
+        namer.tick(local={NET})
+        clock.now += WARN_SECONDS / 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert NET[:12] in warnings[0] and "DOCKER_HOST" in warnings[0]

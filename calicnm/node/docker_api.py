@@ -1,0 +1,97 @@
+"""Docker's own API, read-only: the only module that speaks to dockerd.
+
+Never called from inside a Docker call (dockerd may hold the lock the API
+call needs, and deadlock): the node and the CLI call it from their own
+threads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+UNREACHABLE = (OSError, ValueError, http.client.HTTPException)
+"""What a call raises when dockerd does not answer, or answers nonsense."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class DockerAPI:
+    """The read-only Docker API calls calicnm makes; each raises ``OSError``
+    (or ``http.client.HTTPException``, ``ValueError``) when dockerd does not
+    answer sensibly, which callers treat as "Docker unreachable"."""
+
+    def __init__(self, docker_host: str, timeout: float = 3.0) -> None:
+        parts = urlsplit(docker_host)
+        self._unix = parts.path if parts.scheme == "unix" else None
+        self._tcp = parts.netloc if parts.scheme in ("tcp", "http") else None
+        self._timeout = timeout
+
+    def _get(self, path: str) -> tuple[int, Any]:
+        conn: http.client.HTTPConnection
+        if self._unix:
+            conn = _UnixHTTPConnection(self._unix, self._timeout)
+        elif self._tcp:
+            conn = http.client.HTTPConnection(self._tcp, timeout=self._timeout)
+        else:
+            raise OSError("DOCKER_HOST must be unix:// or tcp://")
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if resp.getheader("Content-Type", "").startswith("application/json") or body[:1] in (
+            b"{",
+            b"[",
+        ):
+            return resp.status, json.loads(body) if body else None
+        return resp.status, body.decode(errors="replace")
+
+    def ping(self) -> None:
+        """Raise unless dockerd answers."""
+        status, _body = self._get("/_ping")
+        if status != 200:
+            raise OSError(f"Docker answered {status} to a ping")
+
+    def network_name(self, network_id: str) -> str | None:
+        """The network's name, or None if Docker does not know the id."""
+        status, body = self._get(f"/networks/{quote(network_id)}")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(body, dict):
+            raise OSError(f"Docker answered {status} for network {network_id[:12]}")
+        name = body.get("Name")
+        return name if isinstance(name, str) else None
+
+    def network_endpoints(self, network_id: str) -> frozenset[str] | None:
+        """Ids of the endpoints Docker has on the network (joined or not), or
+        None if Docker does not know the network."""
+        status, body = self._get(f"/networks/{quote(network_id)}")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(body, dict):
+            raise OSError(f"Docker answered {status} for network {network_id[:12]}")
+        containers = body.get("Containers") or {}
+        if not isinstance(containers, dict):
+            raise ValueError(f"Docker's Containers of network {network_id[:12]} is not an object")
+        ids = set()
+        for value in containers.values():
+            endpoint_id = value.get("EndpointID") if isinstance(value, dict) else None
+            if not isinstance(endpoint_id, str):
+                raise ValueError(f"Docker listed an endpoint without an id on {network_id[:12]}")
+            ids.add(endpoint_id)
+        return frozenset(ids)
