@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: deps run test unit lint bench soak clean
+.PHONY: deps run test unit lint bench soak install-systemd clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,18 @@ SOAK_MINUTES ?= 30
 soak: deps
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --fault-every 30 \
 		--out bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-soak
+
+# systemd units for the node and a route reflector, and an example settings file
+# (kept if one exists).  DESTDIR installs under another root (for packaging).
+SYSTEMD_DIR ?= /etc/systemd/system
+CONFIG_DIR  ?= /etc/calicnm
+install-systemd:
+	install -D -m 0644 packaging/systemd/calicnm.service $(DESTDIR)$(SYSTEMD_DIR)/calicnm.service
+	install -D -m 0644 packaging/systemd/calicnm-route-reflector.service \
+		$(DESTDIR)$(SYSTEMD_DIR)/calicnm-route-reflector.service
+	test -e $(DESTDIR)$(CONFIG_DIR)/calicnm.env || \
+		install -D -m 0600 packaging/systemd/calicnm.env.example $(DESTDIR)$(CONFIG_DIR)/calicnm.env
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

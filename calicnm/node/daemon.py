@@ -22,7 +22,9 @@ Start order, each step bounded in time and failing with a one-line reason:
    Docker calls left behind; it never acts on a foreign datastore, and
    waits while Docker does not answer for what only Docker can judge.
 
-Then the main loop keeps the host record current and restarts a child or
+Then it tells the service manager it is ready (``node.service_notify``;
+systemd's ``Type=notify``: the plugin answers and the first pass has run),
+and the main loop keeps the host record current and restarts a child or
 the agent thread that died.  SIGTERM or SIGINT stops the plugin and the
 agent, removes the socket it created, stops the embedded etcd and exits 0.
 Everything else stays: chains, ipsets, endpoint routes and BIRD (so peers
@@ -67,6 +69,7 @@ from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.node.collector import OwnershipCollector, node_grace
 from calicnm.node.docker_api import DockerAPI
 from calicnm.node.network_names import NetworkNamer
+from calicnm.node.service_notify import NOTIFY_ENV, notify
 from calicnm.routing.bird import Bird
 from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys, records
@@ -209,10 +212,16 @@ class Node:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # The notification socket is the node's alone: a child that saw it
+        # (etcd notifies too) would tell the service manager "ready" early.
+        manager = {NOTIFY_ENV: os.environ.pop(NOTIFY_ENV, "")}
         try:
             self._start()
+            notify(f"READY=1\nSTATUS=serving Docker on {self.config.socket}", manager)
+            _log.info("node ready socket=%s", self.config.socket)
             self._loop()
         finally:
+            notify("STOPPING=1", manager)
             self._shutdown()
         return 0
 
