@@ -207,7 +207,13 @@ def cmd_diags(ctx: Context) -> int:
     out_dir = ctx.args.out or os.getcwd()
     if not os.path.isdir(out_dir):
         raise InvalidRequest(f"--out {out_dir} is not a directory")
-    path = collect(ctx.config, ctx.store, out_dir, lambda: "\n".join(status_report(ctx)[1]) + "\n")
+    path = collect(
+        ctx.config,
+        ctx.store,
+        out_dir,
+        lambda: "\n".join(status_report(ctx)[1]) + "\n",
+        sources=ctx.sources,
+    )
     out(f"Diagnostics written to {path}")
     return 0
 

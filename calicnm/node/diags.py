@@ -1,4 +1,9 @@
-"""``calicnm diags``: one tarball with what a support engineer asks for first.
+"""``calicnm diags``: one tarball with what a support engineer asks for first:
+the host's links, addresses, routes, neighbours, iptables and ipsets; the
+calicnm tree in etcd; the effective settings with their sources; BIRD's
+configuration and its protocols; the node's journal and the embedded etcd's
+log; Docker's view of its calicnm networks; and ``calicnm status``.  Never a
+key file's contents: settings name key files, the archive does not hold them.
 
 Every source is collected independently: a command that is missing or
 fails, or an etcd that cannot be reached, is recorded in that file and
@@ -9,14 +14,17 @@ broken).
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import fields
 
-from calicnm.config import Config
+from calicnm.config import SETTINGS, Config
+from calicnm.node.docker_api import UNREACHABLE, DockerAPI
 from calicnm.store import keys
 from calicnm.store.kv import Store
 
@@ -62,24 +70,61 @@ def _tail(path: str, limit: int = 200_000) -> str:
         return f"cannot read {path}: {exc}\n"
 
 
+def host_commands(config: Config) -> dict[str, list[str]]:
+    """``COMMANDS``, and those that depend on this node's settings."""
+    return {
+        **COMMANDS,
+        "bird-protocols.txt": [
+            "birdc",
+            "-s",
+            os.path.join(config.state_dir, "bird.ctl"),
+            "show",
+            "protocols",
+            "all",
+        ],
+        "node-journal.txt": ["journalctl", "-u", "calicnm", "--no-pager", "-n", "5000"],
+    }
+
+
+def docker_networks(docker: DockerAPI) -> str:
+    """``docker network inspect`` of every calicnm network Docker has."""
+    try:
+        found = docker.calicnm_networks()
+    except UNREACHABLE as exc:
+        return f"cannot ask Docker: {exc}\n"
+    return json.dumps(found, indent=2, sort_keys=True) + "\n"
+
+
 def collect(
     config: Config,
     store: Store,
     out_dir: str,
     status: Callable[[], str],
     run: Callable[[list[str]], str] = _run,
+    sources: dict[str, str] | None = None,
+    docker: Callable[[], str] | None = None,
 ) -> str:
     """Write the tarball into ``out_dir``; returns its path.  ``run`` turns
-    each of ``COMMANDS`` into its file's text, recording a failure in it
-    rather than raising (default: run it here)."""
+    each of ``host_commands`` into its file's text, recording a failure in it
+    rather than raising (default: run it here); ``sources`` says where each
+    setting came from (``Config.load``); ``docker`` gives Docker's view of
+    its calicnm networks (default: ask ``config.docker_host``)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"calicnm-diags-{config.hostname}-{stamp}"
     path = os.path.join(out_dir, f"{name}.tar.gz")
     files: dict[str, str] = {"hostname.txt": socket.gethostname() + "\n"}
-    files["config.txt"] = "".join(f"{k}={v}\n" for k, v in sorted(config.to_env().items()))
+    files["config.txt"] = "".join(
+        f"{SETTINGS[name].env}={value}  # {(sources or {}).get(name, 'given')}\n"
+        for name, value in sorted((f.name, getattr(config, f.name)) for f in fields(config))
+        if value is not None
+    )
     files["status.txt"] = status()
-    for filename, argv in COMMANDS.items():
+    for filename, argv in host_commands(config).items():
         files[filename] = run(argv)
+    files["bird.conf"] = _tail(os.path.join(config.state_dir, "bird.conf"))
+    files["docker-networks.json"] = (
+        docker() if docker is not None else docker_networks(DockerAPI(config.docker_host))
+    )
     try:
         files["etcd-calicnm.txt"] = _etcd_dump(store)
     except Exception as exc:  # record whatever went wrong; collect the rest

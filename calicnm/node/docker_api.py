@@ -24,8 +24,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -76,6 +80,25 @@ class DockerAPI:
             raise OSError(f"Docker answered {status} for network {network_id[:12]}")
         name = body.get("Name")
         return name if isinstance(name, str) else None
+
+    def calicnm_networks(self) -> list[dict[str, Any]]:
+        """``docker network inspect`` of every network whose driver is calicnm
+        (the legacy plugin's ``calicnm``, or a managed plugin's
+        ``calicnm/calicnm:latest``)."""
+        status, body = self._get("/networks")
+        if status != 200 or not isinstance(body, list):
+            raise OSError(f"Docker answered {status} to a network listing")
+        found = []
+        for summary in body:
+            if not isinstance(summary, dict):
+                continue
+            driver = str(summary.get("Driver", ""))
+            if driver != "calicnm" and not driver.startswith("calicnm/"):
+                continue
+            status, network = self._get(f"/networks/{quote(str(summary.get('Id', '')))}")
+            if status == 200 and isinstance(network, dict):
+                found.append(network)
+        return found
 
     def network_endpoints(self, network_id: str) -> frozenset[str] | None:
         """Ids of the endpoints Docker has on the network (joined or not), or

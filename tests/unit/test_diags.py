@@ -34,9 +34,20 @@ def test_the_tarball_holds_every_source(tmp_path):
     (state / "etcd.log").write_text("etcd started\n")
     store = MemoryStore()
     store.put(keys.host_meta("h1"), Host("h1", "198.18.0.2").to_json())
-    config = Config(hostname="h1", state_dir=str(state))
+    (state / "bird.conf").write_text("router id 198.18.0.2;\n")
+    key = tmp_path / "client-key.pem"
+    key.write_text("PRIVATE KEY MATERIAL\n")
+    config = Config(hostname="h1", state_dir=str(state), etcd_key_file=str(key))
 
-    path = collect(config, store, str(tmp_path), lambda: "all good\n", run=fake_run)
+    path = collect(
+        config,
+        store,
+        str(tmp_path),
+        lambda: "all good\n",
+        run=fake_run,
+        sources={"hostname": "env CALICNM_HOSTNAME"},
+        docker=lambda: '[{"Name": "dataman", "Driver": "calicnm"}]\n',
+    )
 
     assert path.startswith(str(tmp_path / "calicnm-diags-h1-")) and path.endswith(".tar.gz")
     files = read_tarball(path)
@@ -44,6 +55,10 @@ def test_the_tarball_holds_every_source(tmp_path):
     names = {name.removeprefix(f"{top}/") for name in files}
     assert names == {
         *COMMANDS,
+        "bird-protocols.txt",
+        "node-journal.txt",
+        "bird.conf",
+        "docker-networks.json",
         "hostname.txt",
         "config.txt",
         "status.txt",
@@ -52,7 +67,13 @@ def test_the_tarball_holds_every_source(tmp_path):
     }
     assert all(name.startswith(f"{top}/") for name in files)
     assert files[f"{top}/status.txt"] == "all good\n"
-    assert "CALICNM_HOSTNAME=h1\n" in files[f"{top}/config.txt"]
+    assert "CALICNM_HOSTNAME=h1  # env CALICNM_HOSTNAME\n" in files[f"{top}/config.txt"]
+    assert "CALICNM_STATE_DIR=" in files[f"{top}/config.txt"]
+    assert files[f"{top}/bird.conf"] == "router id 198.18.0.2;\n"
+    assert "dataman" in files[f"{top}/docker-networks.json"]
+    assert files[f"{top}/bird-protocols.txt"].startswith("$ birdc -s ")
+    assert files[f"{top}/node-journal.txt"].startswith("$ journalctl -u calicnm")
+    assert not any("PRIVATE KEY MATERIAL" in text for text in files.values())
     assert files[f"{top}/ip-route.txt"].startswith("$ ip -4 route show table all (exit 0)")
     assert "failed to run" in files[f"{top}/iptables-save.txt"]
     assert files[f"{top}/etcd.log"] == "etcd started\n"
@@ -64,7 +85,9 @@ def test_an_unreachable_etcd_and_a_missing_log_are_recorded_not_fatal(tmp_path):
     store = MemoryStore()
     store.down = True
     config = Config(hostname="h1", state_dir=str(tmp_path / "nothing-here"))
-    path = collect(config, store, str(tmp_path), lambda: "etcd: down\n", run=fake_run)
+    path = collect(
+        config, store, str(tmp_path), lambda: "etcd: down\n", run=fake_run, docker=lambda: ""
+    )
     files = {name.rsplit("/", 1)[1]: text for name, text in read_tarball(path).items()}
     assert files["etcd-calicnm.txt"].startswith("cannot read etcd: etcd is unreachable")
     assert files["etcd.log"].startswith("cannot read ")

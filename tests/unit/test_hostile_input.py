@@ -360,6 +360,7 @@ def test_diags_archive_is_private_whatever_the_umask(tmp_path):
             str(tmp_path),
             lambda: "ok\n",
             run=lambda argv: "",
+            docker=lambda: "",
         )
     finally:
         os.umask(old)
