@@ -264,6 +264,11 @@ class Config:
         return action
 
     @property
+    def network_problems_path(self) -> str:
+        """Where the node lists networks it uses that Docker does not name."""
+        return os.path.join(self.state_dir, "network-problems")
+
+    @property
     def in_flight_dir(self) -> str:
         """Where the plugin marks the ids its Docker calls are working on."""
         return os.path.join(self.state_dir, "in-flight")

@@ -107,6 +107,11 @@ def status_data(ctx: Context) -> dict[str, Any]:
         data["etcd"] = {"endpoints": ctx.config.etcd_endpoints, "reachable": False}
         data["etcd"]["error"] = str(exc)
     data["agent"] = agent_data(ctx.config, time.time())
+    try:
+        with open(ctx.config.network_problems_path) as fh:
+            data["problems"] = [line.strip() for line in fh if line.strip()]
+    except OSError:
+        data["problems"] = []
     data["ok"] = (
         data["plugin"]["answering"] and data["etcd"]["reachable"] and data["agent"]["healthy"]
     )
@@ -143,6 +148,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"calicnm agent is NOT healthy: {agent['problem']} (last good pass {ago})")
     for key, reason in sorted(agent["invalid_records"].items()):
         lines.append(f"INVALID RECORD {key}: {reason}")
+    lines += [f"PROBLEM: {problem}" for problem in data.get("problems", [])]
     return lines
 
 

@@ -267,7 +267,11 @@ class Node:
         if config.default_pools and Allocator(store, config.hostname).ensure_default_pool():
             _log.info("default pool created")
 
-        namer = NetworkNamer(store, DockerAPI(config.docker_host))
+        namer = NetworkNamer(
+            store,
+            DockerAPI(config.docker_host),
+            problems_path=config.network_problems_path,
+        )
         hooks: list[Callable[[Snapshot], bool]] = [
             lambda snap: namer.tick(
                 list(snap.networks.values()),

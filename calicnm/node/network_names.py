@@ -40,11 +40,19 @@ class NetworkNamer:
     at CreateNetwork)."""
 
     def __init__(
-        self, store: Store, docker: DockerAPI, clock: Callable[[], float] = time.monotonic
+        self,
+        store: Store,
+        docker: DockerAPI,
+        clock: Callable[[], float] = time.monotonic,
+        problems_path: str | None = None,
     ) -> None:
+        """``problems_path``: a file that lists, one line each, the networks
+        this host uses that stay unnamed (``calicnm status`` shows them)."""
         self._store = store
         self._docker = docker
         self._clock = clock
+        self._problems_path = problems_path
+        self._reported: tuple[str, ...] | None = None
         self._first_seen: dict[str, float] = {}
         self._last_asked: dict[str, float] = {}
         self._warned: set[str] = set()
@@ -62,6 +70,7 @@ class NetworkNamer:
             networks = list(records.networks(self._store).values())
         now = self._clock()
         eager = False
+        named: set[str] = set()
         for network in networks:
             if network.docker_name:
                 continue
@@ -76,14 +85,34 @@ class NetworkNamer:
                 name = self._docker.network_name(network.id)
             except UNREACHABLE as exc:
                 _log.debug("docker not answering for network=%s: %s", network.id[:12], exc)
-                return True
+                eager = True  # come back soon; the others wait for the next pass
+                break
             if name is None:
                 eager = eager or recent
                 continue
             self._name(network, name)
+            named.add(network.id)
         live = {n.id for n in networks}
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+        self._report(
+            [
+                f"network {n.id[:12]} has endpoints here but Docker at DOCKER_HOST does not "
+                "know it (its traffic is dropped): check DOCKER_HOST, or use -o profile=NAME"
+                for n in networks
+                if not n.docker_name
+                and n.id not in named
+                and n.id in local
+                and now - self._first_seen.get(n.id, now) >= WARN_SECONDS
+            ]
+        )
         return eager
+
+    def _report(self, problems: list[str]) -> None:
+        if self._problems_path is None or tuple(problems) == self._reported:
+            return
+        with open(self._problems_path, "w") as fh:
+            fh.write("".join(f"{p}\n" for p in problems))
+        self._reported = tuple(problems)
 
     def _warn(self, network_id: str, age: float) -> None:
         if network_id in self._warned:

@@ -168,3 +168,21 @@ def test_a_local_network_docker_never_names_is_warned_about_once(world, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert NET[:12] in warnings[0] and "DOCKER_HOST" in warnings[0]
+
+
+def test_a_local_unnamed_network_is_listed_for_status_until_named(world, tmp_path):
+    store, docker, clock, _namer = world
+    problems = tmp_path / "network-problems"
+    namer = NetworkNamer(store, docker, clock, problems_path=str(problems))
+    add_network(store, NET)
+    namer.tick(local={NET})
+    assert problems.read_text() == ""
+    clock.now += WARN_SECONDS
+    docker.error = ConnectionRefusedError(111, "Connection refused")
+    namer.tick(local={NET})
+    assert NET[:12] in problems.read_text() and "DOCKER_HOST" in problems.read_text()
+    docker.error = None
+    docker.names[NET] = "dataman"
+    clock.now += SLOW_SECONDS
+    namer.tick(local={NET})
+    assert problems.read_text() == ""
