@@ -96,6 +96,11 @@ SETTINGS = {
         "seconds after which an address Docker requested but never used is freed",
         "300",
     ),
+    "metrics_address": Setting(
+        "CALICNM_METRICS_ADDRESS",
+        "--metrics-address",
+        "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9091 (unset: off)",
+    ),
     "endpoint_to_host_action": Setting(
         "CALICNM_ENDPOINT_TO_HOST_ACTION",
         "--endpoint-to-host-action",
@@ -178,6 +183,7 @@ class Config:
     resync_interval: str = "30"
     reconcile_interval: str = "60"
     pending_max_age: str = "300"
+    metrics_address: str | None = None
     endpoint_to_host_action: str = "drop"
 
     @classmethod

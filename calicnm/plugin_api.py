@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -101,17 +103,30 @@ UNGUARDED = {
 """The handshake calls, answered even against a foreign datastore."""
 
 
-def build_app(driver: Driver, guard: Callable[[], None] | None = None) -> Flask:
+def build_app(
+    driver: Driver,
+    guard: Callable[[], None] | None = None,
+    observe: Callable[[str, int, float], None] | None = None,
+) -> Flask:
     """A Flask app around an already-built driver (tests pass their own).
 
     ``guard`` runs before every call but the handshake; it raises (a
     ``ForeignDatastore``) when etcd is not the datastore this host serves,
-    so nothing is allocated or released in the wrong one."""
+    so nothing is allocated or released in the wrong one.  ``observe(method,
+    status, seconds)`` is told of every answered call (metrics)."""
     app = Flask("calicnm")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     table = routes(driver)
 
     def dispatch(method: str) -> Response:
+        started = time.monotonic()
+        response = answer(method)
+        if observe is not None:
+            known = method if method in table else "unknown"
+            observe(known, response.status_code, time.monotonic() - started)
+        return response
+
+    def answer(method: str) -> Response:
         handler = table.get(method)
         if handler is None:
             return _json(404, {"Err": f"{method} is not implemented by calicnm"})
@@ -150,4 +165,9 @@ def create_app() -> Flask:
     config = Config.from_env()
     setup_logging(config.log_level)
     driver, store = build_driver(config)
-    return build_app(driver, datastore_guard(config, store))
+    observe = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the node serves metrics
+        from calicnm.node.metrics import PluginMetrics
+
+        observe = PluginMetrics().observe
+    return build_app(driver, datastore_guard(config, store), observe)

@@ -52,6 +52,7 @@ NODE_SETTINGS = [
     "resync_interval",
     "reconcile_interval",
     "pending_max_age",
+    "metrics_address",
     "endpoint_to_host_action",
 ]
 

@@ -16,7 +16,7 @@ import ipaddress
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from calicnm.errors import DataplaneError
 
@@ -26,12 +26,14 @@ SET_TYPES = ("hash:ip", "hash:net")
 
 
 class Ipsets:
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, on_error: Callable[[], None] | None = None) -> None:
+        """``on_error()`` is called for each ipset run that fails (metrics)."""
         binary = shutil.which("ipset")
         if binary is None:
             raise DataplaneError("ipset is not installed (apt-get install ipset)")
         self._ipset = binary
         self._timeout = timeout
+        self._on_error = on_error or (lambda: None)
 
     def _run(self, args: list[str], script: str | None = None) -> str:
         try:
@@ -43,8 +45,10 @@ class Ipsets:
                 timeout=self._timeout,
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            self._on_error()
             raise DataplaneError(f"ipset {args[0]} failed to run: {exc}") from exc
         if proc.returncode != 0:
+            self._on_error()
             raise DataplaneError(f"ipset {args[0]} failed: {proc.stderr.strip()[:400]}")
         return proc.stdout
 

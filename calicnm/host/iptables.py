@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from calicnm.errors import DataplaneError
@@ -60,9 +60,16 @@ def detect_backend() -> Backend:
 
 
 class Iptables:
-    def __init__(self, backend: Backend | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        timeout: float = 30.0,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_error()`` is called for each restore that fails (metrics)."""
         self.backend = backend or detect_backend()
         self._timeout = timeout
+        self._on_error = on_error or (lambda: None)
 
     def restore(self, text: str) -> None:
         """Apply a restore script atomically (per table), waiting for the lock."""
@@ -72,8 +79,10 @@ class Iptables:
                 argv, input=text, capture_output=True, text=True, timeout=self._timeout
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            self._on_error()
             raise DataplaneError(f"{argv[0]} failed to run: {exc}") from exc
         if proc.returncode != 0:
+            self._on_error()
             raise DataplaneError(f"{argv[0]} rejected the update: {proc.stderr.strip()[:400]}")
 
     def save(self, table: str = "filter") -> str:

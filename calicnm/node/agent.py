@@ -92,8 +92,11 @@ class Agent:
         status: StatusFile | None = None,
         clock: Callable[[], float] = time.time,
         guard: DatastoreGuard | None = None,
+        on_pass: Callable[[float, bool], None] | None = None,
     ) -> None:
+        """``on_pass(seconds, ok)`` is told of every pass (metrics)."""
         self._store = store
+        self._on_pass = on_pass or (lambda _seconds, _ok: None)
         self._host = host
         self._applier = dataplane
         self._routes = routes
@@ -116,9 +119,24 @@ class Agent:
 
     # ---- one pass ----------------------------------------------------------
 
+    @property
+    def local_endpoints(self) -> int:
+        """Endpoints of this host that the last pass routed and programmed."""
+        return len(self._routed)
+
     def reconcile(self, full: bool = False) -> bool:
         """One pass; returns True when something still waits (a veth not
         there yet, a network not named yet), so the caller comes back soon."""
+        started = time.monotonic()
+        ok = False
+        try:
+            waiting = self._reconcile(full)
+            ok = True
+            return waiting
+        finally:
+            self._on_pass(time.monotonic() - started, ok)
+
+    def _reconcile(self, full: bool) -> bool:
         # The datastore must be the one this host serves, before and after
         # the read: an empty or foreign etcd is never taken as the truth.
         if self._guard is not None:

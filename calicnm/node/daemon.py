@@ -68,8 +68,10 @@ from calicnm.node.agent import Agent
 from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.node.collector import OwnershipCollector, node_grace
 from calicnm.node.docker_api import DockerAPI
+from calicnm.node.metrics import NodeFigures, NodeMetrics, parse_address
 from calicnm.node.network_names import NetworkNamer
 from calicnm.node.service_notify import NOTIFY_ENV, notify
+from calicnm.routing.bgp import parse_protocols
 from calicnm.routing.bird import Bird
 from calicnm.routing.route_sync import BgpSync, EncapSync
 from calicnm.store import keys, records
@@ -204,6 +206,7 @@ class Node:
         self._socket_owned = False
         self._bird: Bird | None = None
         self._collector_thread: threading.Thread | None = None
+        self._metrics: NodeMetrics | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         _log.info("signal %d received; stopping", signum)
@@ -231,6 +234,8 @@ class Node:
         # Refuse a bad setting before anything starts.
         _ = (config.endpoint_to_host, config.resync_seconds, config.reconcile_seconds)
         _ = config.pending_max_age_seconds
+        if config.metrics_address:
+            parse_address(config.metrics_address)
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         # One node per host, decided before anything is touched: a second
         # node leaves the first one's socket, etcd, BIRD and kernel alone.
@@ -284,10 +289,18 @@ class Node:
             hooks.append(BgpSync(self._bird, config.hostname))
         else:
             _log.warning("bird is not installed: routes to other hosts are not distributed")
+        metrics = self._metrics = (
+            NodeMetrics(os.path.join(config.state_dir, "metrics"), self._figures)
+            if config.metrics_address
+            else None
+        )
         self._agent = Agent(
             store,
             config.hostname,
-            PolicyApplier(Iptables(), Ipsets()),
+            PolicyApplier(
+                Iptables(on_error=metrics.iptables_errors.inc if metrics else None),
+                Ipsets(on_error=metrics.ipset_errors.inc if metrics else None),
+            ),
             HostPlumbing(),
             Markers(config.marker_dir),
             resync=config.resync_seconds,
@@ -295,6 +308,7 @@ class Node:
             endpoint_to_host=config.endpoint_to_host,
             status=StatusFile(config.agent_status_path),
             guard=DatastoreGuard(store, cluster_id, ttl=0.0),
+            on_pass=metrics.observe_pass if metrics else None,
         )
         try:
             self._agent.first_pass()
@@ -303,6 +317,8 @@ class Node:
             _log.error("the first pass failed; the agent keeps retrying: %s", exc)
         self._start_agent()
         self._start_plugin()
+        if metrics is not None and config.metrics_address:
+            metrics.serve(config.metrics_address)
         self._collector = OwnershipCollector(
             store,
             config.hostname,
@@ -389,6 +405,8 @@ class Node:
         # The plugin learns the node's pid so a test's injected fault
         # (faults.point) can kill the node, not just the plugin.
         env = {**os.environ, **self.config.to_env(), NODE_PID_ENV: str(os.getpid())}
+        if self._metrics is not None:
+            env.update(self._metrics.plugin_env())
         self._plugin = gunicorn(path, env, self.config.log_level)
         self._plugin.start()
         plugin = self._plugin
@@ -424,6 +442,33 @@ class Node:
                 _log.warning("node pass failed: %s", exc)
             except Exception:  # the node must stay up whatever one pass hits
                 _log.exception("node pass failed unexpectedly")
+
+    def _figures(self) -> NodeFigures:
+        """What a metrics scrape reads (see ``node.metrics``)."""
+        figures = NodeFigures(local_endpoints=self._agent.local_endpoints)
+        status = StatusFile(self.config.agent_status_path).read()
+        if status is not None and status.last_good is not None:
+            figures.last_good_age = max(0.0, time.time() - status.last_good)
+        if self._store is not None:
+            try:
+                blocks = records.blocks(self._store)
+                figures.blocks = len(blocks)
+                figures.allocations = sum(len(b.allocations) for b in blocks)
+                for pool in records.pools(self._store):
+                    used = sum(len(b.allocations) for b in blocks if b.cidr.subnet_of(pool.cidr))
+                    figures.pools.append((str(pool.cidr), pool.cidr.num_addresses, used))
+            except CalicnmError as exc:
+                _log.debug("metrics: etcd not read: %s", exc)
+        if self._bird is not None and self._bird.running():
+            try:
+                rows = parse_protocols(self._bird.protocols())
+                states: dict[str, int] = {}
+                for row in rows:
+                    states[row["state"]] = states.get(row["state"], 0) + 1
+                figures.bgp_sessions = states
+            except CalicnmError as exc:
+                _log.debug("metrics: BIRD not read: %s", exc)
+        return figures
 
     def _host_ip(self) -> str | None:
         if self._store is None:

@@ -24,6 +24,7 @@ ONLY_IMPORTER = {
     "etcd3": {"calicnm.store.etcd"},
     "grpc": {"calicnm.store.etcd"},
     "pyroute2": {"calicnm.host.netlink"},
+    "prometheus_client": {"calicnm.node.metrics"},
     "gunicorn": set(),
     "subprocess": {
         "calicnm.host.iptables",
