@@ -452,3 +452,88 @@ class Peer:
     @classmethod
     def parse(cls, ip: str, as_num: str) -> Peer:
         return cls(check_host_ip(ip, "peer address"), check_as(as_num))
+
+
+CLUSTER_NETWORK_FIELDS = ("name", "subnet", "ip_range", "profile", "internal")
+
+
+@dataclass(frozen=True)
+class ClusterNetwork:
+    """A Docker network defined once for the cluster (``calicnm network
+    create``): every node creates it, with these settings, on its own
+    Docker.  ``name`` is the Docker network's name, and so its profile's
+    unless ``profile`` names another."""
+
+    name: str
+    subnet: IPv4Network | None = None
+    ip_range: IPv4Network | None = None
+    profile: str | None = None
+    internal: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "network name")
+        if self.ip_range is not None and (
+            self.subnet is None or not self.ip_range.subnet_of(self.subnet)
+        ):
+            raise InvalidRequest(f"--ip-range {self.ip_range} must lie inside --subnet")
+
+    def to_json(self) -> str:
+        return _dump(
+            {
+                "name": self.name,
+                "subnet": None if self.subnet is None else str(self.subnet),
+                "ip_range": None if self.ip_range is None else str(self.ip_range),
+                "profile": self.profile,
+                "internal": self.internal,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ClusterNetwork:
+        data = _load(raw, "cluster network", CLUSTER_NETWORK_FIELDS)
+
+        def cidr(name: str) -> IPv4Network | None:
+            value = data.get(name)
+            return None if value is None else parse_network(check_text(value, name, 64), name)
+
+        return cls(
+            name=check_name(data.get("name"), "network name"),
+            subnet=cidr("subnet"),
+            ip_range=cidr("ip_range"),
+            profile=_optional_name(data.get("profile"), "profile"),
+            internal=check_bool(data.get("internal", False), "internal"),
+        )
+
+
+HOST_NETWORK_STATES = ("present", "in-use", "problem")
+
+
+@dataclass(frozen=True)
+class HostNetworkState:
+    """One node's report on one cluster network: its Docker has it
+    (``present``), keeps it because containers use it after its definition
+    was removed (``in-use``), or cannot make it (``problem``, with why)."""
+
+    name: str
+    host: str
+    state: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.state not in HOST_NETWORK_STATES:
+            raise InvalidRequest(f"state {self.state!r} is not one of {HOST_NETWORK_STATES}")
+
+    def to_json(self) -> str:
+        return _dump(
+            {"name": self.name, "host": self.host, "state": self.state, "detail": self.detail}
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> HostNetworkState:
+        data = _load(raw, "host network state", ("name", "host", "state", "detail"))
+        return cls(
+            name=check_name(data.get("name"), "network name"),
+            host=check_hostname(data.get("host"), "host"),
+            state=check_text(data.get("state"), "state", 16),
+            detail=check_text(data.get("detail", ""), "detail", 512),
+        )

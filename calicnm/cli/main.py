@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     ishow = leaf(ipam_sub, "show", cmd_ipam_show, "pool usage")
     ishow.add_argument("--json", action="store_true")
     from calicnm.cli.ipam_check import register as register_ipam_check
+    from calicnm.cli.network_commands import register as register_networks
+
+    register_networks(sub, leaf)
 
     register_ipam_check(ipam_sub, leaf)
     return parser

@@ -20,7 +20,9 @@ Start order, each step bounded in time and failing with a one-line reason:
 8. the ownership collector thread (``node.collector``): at once, then every
    ``--reconcile-interval`` seconds, it collects what crashes and lost
    Docker calls left behind; it never acts on a foreign datastore, and
-   waits while Docker does not answer for what only Docker can judge.
+   waits while Docker does not answer for what only Docker can judge;
+9. the cluster networks thread (``node.cluster_networks``): keeps the
+   networks defined with ``calicnm network create`` on this host's Docker.
 
 Then it tells the service manager it is ready (``node.service_notify``;
 systemd's ``Type=notify``: the plugin answers and the first pass has run),
@@ -66,6 +68,7 @@ from calicnm.ipam import Allocator
 from calicnm.model import Host
 from calicnm.node.agent import Agent
 from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
+from calicnm.node.cluster_networks import ClusterNetworkSync
 from calicnm.node.collector import OwnershipCollector, node_grace
 from calicnm.node.docker_api import DockerAPI
 from calicnm.node.metrics import NodeFigures, NodeMetrics, parse_address
@@ -332,6 +335,10 @@ class Node:
             target=self._collect, name="collector", daemon=True
         )
         self._collector_thread.start()
+        networks = ClusterNetworkSync(store, config.hostname, DockerAPI(config.docker_host))
+        threading.Thread(
+            target=networks.run, args=(self._stop, store.watch), name="networks", daemon=True
+        ).start()
 
     def _collect(self) -> None:
         """The collector thread: one sweep now, then one per interval, until

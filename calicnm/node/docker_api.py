@@ -1,8 +1,9 @@
-"""Docker's own API, read-only: the only module that speaks to dockerd.
+"""Docker's own API: the only module that speaks to dockerd.
 
-Never called from inside a Docker call (dockerd may hold the lock the API
-call needs, and deadlock): the node and the CLI call it from their own
-threads.
+Reads, plus creating and removing the cluster networks a node keeps on its
+Docker.  Never called from inside a Docker call (dockerd may hold the lock
+the API call needs, and deadlock): the node and the CLI call it from their
+own threads.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class DockerAPI:
         self._timeout = timeout
 
     def _get(self, path: str) -> tuple[int, Any]:
+        return self._request("GET", path)
+
+    def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         conn: http.client.HTTPConnection
         if self._unix:
             conn = _UnixHTTPConnection(self._unix, self._timeout)
@@ -53,7 +57,11 @@ class DockerAPI:
         else:
             raise OSError("DOCKER_HOST must be unix:// or tcp://")
         try:
-            conn.request("GET", path)
+            if body is None:
+                conn.request(method, path)
+            else:
+                payload = json.dumps(body).encode()
+                conn.request(method, path, payload, {"Content-Type": "application/json"})
             resp = conn.getresponse()
             body = resp.read()
         finally:
@@ -80,6 +88,30 @@ class DockerAPI:
             raise OSError(f"Docker answered {status} for network {network_id[:12]}")
         name = body.get("Name")
         return name if isinstance(name, str) else None
+
+    def networks(self) -> dict[str, dict[str, Any]]:
+        """Docker's networks by name: each one's summary (Id, Driver, Labels)."""
+        status, body = self._get("/networks")
+        if status != 200 or not isinstance(body, list):
+            raise OSError(f"Docker answered {status} to a network listing")
+        return {
+            str(n["Name"]): n
+            for n in body
+            if isinstance(n, dict) and isinstance(n.get("Name"), str)
+        }
+
+    def create_network(self, spec: dict[str, Any]) -> None:
+        """``POST /networks/create``; OSError with Docker's message on refusal."""
+        status, body = self._request("POST", "/networks/create", spec)
+        if status not in (200, 201):
+            message = body.get("message") if isinstance(body, dict) else body
+            raise OSError(f"Docker refused to create network {spec.get('Name')}: {message}")
+
+    def remove_network(self, network_id: str) -> None:
+        status, body = self._request("DELETE", f"/networks/{quote(network_id)}")
+        if status not in (200, 204, 404):
+            message = body.get("message") if isinstance(body, dict) else body
+            raise OSError(f"Docker refused to remove network {network_id[:12]}: {message}")
 
     def calicnm_networks(self) -> list[dict[str, Any]]:
         """``docker network inspect`` of every network whose driver is calicnm

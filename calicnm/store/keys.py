@@ -44,6 +44,7 @@ BLOCKS = f"{ROOT}/ipam/v4/blocks/"
 AFFINITY = f"{ROOT}/ipam/v4/affinity/"
 NETWORKS = f"{ROOT}/networks/"
 HOSTS = f"{ROOT}/hosts/"
+CLUSTER_NETWORKS = f"{ROOT}/cluster-networks/"
 PROFILES = f"{ROOT}/profiles/"
 BGP_CONFIG = f"{ROOT}/bgp/config"
 GLOBAL_PEERS = f"{ROOT}/bgp/peers/"
@@ -99,3 +100,11 @@ def endpoints_prefix(host: str) -> str:
 
 def endpoint(host: str, endpoint_id: str) -> str:
     return endpoints_prefix(host) + endpoint_id
+
+
+def cluster_network(name: str) -> str:
+    return f"{CLUSTER_NETWORKS}{name}"
+
+
+def host_network_state(host: str, name: str) -> str:
+    return f"{HOSTS}{host}/cluster-networks/{name}"

@@ -25,7 +25,17 @@ from typing import TypeVar
 from calicnm.blocks import Block
 from calicnm.endpoint import host_ifname, peer_ifname
 from calicnm.errors import CalicnmError, InvalidRequest
-from calicnm.model import BgpConfig, Endpoint, Host, IPv4Network, Network, Peer, Pool
+from calicnm.model import (
+    BgpConfig,
+    ClusterNetwork,
+    Endpoint,
+    Host,
+    HostNetworkState,
+    IPv4Network,
+    Network,
+    Peer,
+    Pool,
+)
 from calicnm.policy import Profile
 from calicnm.store import keys
 from calicnm.store.kv import KV, Store
@@ -42,6 +52,8 @@ PROFILE = "profile"
 BGP_CONFIG = "bgp-config"
 GLOBAL_PEER = "global-peer"
 NODE_PEER = "node-peer"
+CLUSTER_NETWORK = "cluster-network"
+HOST_NETWORK_STATE = "host-network-state"
 HOST = "host"
 ENDPOINT = "endpoint"
 CONFIG = "config"
@@ -61,6 +73,7 @@ _FLAT = (
     (keys.POOLS, POOL),
     (keys.BLOCKS, BLOCK),
     (keys.NETWORKS, NETWORK),
+    (keys.CLUSTER_NETWORKS, CLUSTER_NETWORK),
     (keys.PROFILES, PROFILE),
     (keys.GLOBAL_PEERS, GLOBAL_PEER),
     (keys.config(""), CONFIG),
@@ -92,6 +105,8 @@ def parse_key(key: str) -> KeyParts | None:
             return KeyParts(ENDPOINT, name, host)
         if section == "peers":
             return KeyParts(NODE_PEER, name, host)
+        if section == "cluster-networks":
+            return KeyParts(HOST_NETWORK_STATE, name, host)
     return None
 
 
@@ -151,6 +166,29 @@ def _identified(
 
 def decode_network(kv: KV) -> Network:
     return _identified(kv, NETWORK, Network.from_json, lambda n: (n.id, None))
+
+
+def decode_cluster_network(kv: KV) -> ClusterNetwork:
+    return _identified(kv, CLUSTER_NETWORK, ClusterNetwork.from_json, lambda n: (n.name, None))
+
+
+def decode_host_network_state(kv: KV) -> HostNetworkState:
+    return _identified(
+        kv, HOST_NETWORK_STATE, HostNetworkState.from_json, lambda s: (s.name, s.host)
+    )
+
+
+def cluster_networks(store: Store) -> dict[str, ClusterNetwork]:
+    """Every cluster network definition, by name (invalid ones left out)."""
+    found = _valid(store.list(keys.CLUSTER_NETWORKS), decode_cluster_network)
+    return {n.name: n for n in found}
+
+
+def host_network_states(store: Store, host: str | None = None) -> list[HostNetworkState]:
+    """The nodes' reports on cluster networks (of ``host``, or of all)."""
+    return _valid(
+        (kv for _, kv in _host_scoped(store, HOST_NETWORK_STATE, host)), decode_host_network_state
+    )
 
 
 def decode_profile(kv: KV) -> Profile:
