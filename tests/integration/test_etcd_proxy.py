@@ -115,7 +115,7 @@ def test_a_lost_reply_belongs_to_an_applied_write(proxy: EtcdProxy, etcd_store: 
     import etcd3
 
     host, port = proxy.address
-    client = etcd3.client(host=host, port=port, timeout=5)
+    client = etcd3.client(host=host, port=port, timeout=30)  # only the drop fails it
     try:
         client.get("/calicnm/v1/test/proxy/warm")  # reads pass
         proxy.set_policy(DropPolicy(every=1, limit=1))
@@ -125,7 +125,9 @@ def test_a_lost_reply_belongs_to_an_applied_write(proxy: EtcdProxy, etcd_store: 
         client.close()
     kv = etcd_store.get("/calicnm/v1/test/proxy/a")
     assert kv is not None and kv.value == "applied"
-    stats = proxy.stats()
+    deadline = time.monotonic() + 10  # the proxy counts the drop as it closes up
+    while (stats := proxy.stats())["dropped"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stats["dropped"] == 1, stats
     assert stats["recent_drops"][0]["method"] == "/etcdserverpb.KV/Put"
     assert stats["methods"]["/etcdserverpb.KV/Range"] >= 1

@@ -174,7 +174,13 @@ def test_an_unexpected_error_does_not_kill_the_agent_and_shows_in_its_status(tmp
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while k.agent.last_error is None and time.monotonic() < deadline:
+
+        def reported() -> AgentStatus | None:
+            found = k.status.read()
+            return found if found and "ValueError" in (found.last_error or "") else None
+
+        # The agent records the error, then writes its status file: wait for the file.
+        while reported() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert thread.is_alive()
         status = k.status.read()
@@ -183,7 +189,12 @@ def test_an_unexpected_error_does_not_kill_the_agent_and_shows_in_its_status(tmp
         boom.fail = False
         k.agent.wake()
         deadline = time.monotonic() + 30
-        while k.agent.last_error is not None and time.monotonic() < deadline:
+
+        def recovered() -> bool:
+            found = k.status.read()
+            return found is not None and found.problem(k.clock[0]) is None
+
+        while not recovered() and time.monotonic() < deadline:
             time.sleep(0.01)
         status = k.status.read()
         assert status is not None and status.problem(k.clock[0]) is None
