@@ -105,8 +105,9 @@ class ClusterNetworkSync:
                     f"{have.get('Driver')}; it is left alone",
                 )
         for name, have in sorted(present.items()):
-            if name in defined or (have.get("Labels") or {}).get(LABEL) != name:
-                continue
+            labels = have.get("Labels")
+            if name in defined or not isinstance(labels, dict) or labels.get(LABEL) != name:
+                continue  # defined, or not one this node made: never removed
             users = self._docker.network_endpoints(str(have.get("Id", "")))
             if users:
                 states[name] = ("in-use", f"{len(users)} container(s) still use it")

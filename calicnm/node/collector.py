@@ -216,10 +216,11 @@ class OwnershipCollector:
             return self._remove_record(finding, obs)
         if finding.kind == ORPHAN_LINK:
             return self._remove_link(finding.subject)
-        if finding.kind == DEAD_RESERVATION and _network_of(finding) in records.networks(
-            self._store
+        if (
+            finding.kind == DEAD_RESERVATION
+            and self._store.get(keys.network(_network_of(finding))) is not None
         ):
-            return False
+            return False  # its network's record appeared since (valid or not)
         return self._free(finding)
 
     def _remove_record(self, finding: Finding, obs: Observation) -> bool:
