@@ -1,27 +1,28 @@
-# calicnm node image: the plugin, the node supervisor and an embedded etcd.
+# calicnm node image: the node (plugin, agent, ownership collector), BIRD and an
+# embedded etcd, on a Debian 12 base.
 #
-# Run it on each host with the host's network and the plugin directory:
-#   docker run -d --name calicnm --net=host --pid=host --privileged \
-#     -v /run/docker/plugins:/run/docker/plugins \
-#     -v /var/run/docker.sock:/var/run/docker.sock \
-#     -v /var/lib/calicnm:/var/lib/calicnm \
-#     -e ETCD_ENDPOINTS=http://<etcd>:2379 calicnm:latest
-# (Docker cannot start its own network plugin's container at boot; most
-# operators run `calicnm node run` from systemd instead, before docker.service.)
-FROM debian:bookworm-slim
+# Built by `make image` (scripts/build-image.sh) with no registry and no
+# network inside the build: the base calicnm/node-base:bookworm is a Debian 12
+# root filesystem made by debootstrap with the packages below and loaded with
+# `docker import`; calicnm's Python wheels are built on the host into
+# build/wheels.  The base holds python3, python3-venv, iproute2, iptables,
+# ipset, bird2, etcd-server, kmod and tini.
+#
+# Start it on a host with `calicnm node run --container`, which runs it as a
+# privileged host-network container with the state, plugin and xtables-lock
+# directories mounted (README, "Three ways to run a node").  The same image is
+# the root filesystem of the managed plugin (`make plugin`).
+FROM calicnm/node-base:bookworm
 
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv iproute2 iptables ipset bird2 etcd-server ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+COPY build/wheels /tmp/wheels
+RUN python3 -m venv /opt/calicnm \
+ && /opt/calicnm/bin/pip install --no-index --find-links /tmp/wheels calicnm \
+ && rm -rf /tmp/wheels /root/.cache \
+ && ln -s /opt/calicnm/bin/calicnm /usr/local/bin/calicnm
+COPY packaging/plugin/entrypoint.sh /usr/local/lib/calicnm/plugin-entrypoint
 
-WORKDIR /opt/calicnm
-COPY pyproject.toml README.md ./
-COPY calicnm ./calicnm
-RUN python3 -m venv /opt/calicnm/venv \
- && /opt/calicnm/venv/bin/pip install --no-cache-dir . \
- && ln -s /opt/calicnm/venv/bin/calicnm /usr/local/bin/calicnm
-
+# iptables: whichever backend holds dockerd's rules, not this image's default.
+ENV CALICNM_IPTABLES_BACKEND=auto
 VOLUME ["/var/lib/calicnm"]
 ENTRYPOINT ["calicnm"]
 CMD ["node", "run"]

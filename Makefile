@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: deps run test unit lint bench soak install-systemd clean
+.PHONY: deps run test unit lint bench soak install-systemd image plugin clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,5 +68,18 @@ install-systemd:
 		install -D -m 0600 packaging/systemd/calicnm.env.example $(DESTDIR)$(CONFIG_DIR)/calicnm.env
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
+# The node image, built with no registry: a debootstrap base loaded with
+# `docker import`, then the Dockerfile (scripts/build-image.sh says how).
+IMAGE ?= calicnm/node:latest
+image: deps
+	sh scripts/ensure-dockerd.sh
+	PYTHON=$(PY) sh scripts/build-image.sh $(IMAGE)
+
+# The managed (v2) plugin directory build/plugin: plugin.json as config.json and
+# the node image's file system as rootfs.  Then `docker plugin create
+# calicnm/calicnm build/plugin` (README, "The managed plugin").
+plugin: image
+	IMAGE=$(IMAGE) sh scripts/build-plugin.sh build/plugin
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

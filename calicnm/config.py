@@ -122,6 +122,20 @@ SETTINGS = {
         "(by default BIRD and the routes stay up across a node restart)",
         "false",
     ),
+    "iptables_backend": Setting(
+        "CALICNM_IPTABLES_BACKEND",
+        "--iptables-backend",
+        "host (this system's iptables command), auto (whichever backend holds dockerd's "
+        "rules; the node image's default), nft or legacy",
+        "host",
+    ),
+    "driver_name": Setting(
+        "CALICNM_DRIVER_NAME",
+        "--driver-name",
+        "the driver name this host's Docker knows the plugin by, used for cluster networks: "
+        "calicnm, or the managed plugin's NAME:TAG (calicnm/calicnm:latest)",
+        "calicnm",
+    ),
     "no_default_pools": Setting(
         "CALICNM_NO_DEFAULT_POOLS",
         "--no-default-pools",
@@ -138,6 +152,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "etcd_trusted_ca_file": ("ETCD_CA_CERT_FILE",),
     "hostname": ("NODENAME",),
     "endpoint_to_host_action": ("FELIX_DEFAULTENDPOINTTOHOSTACTION",),
+    "iptables_backend": ("FELIX_IPTABLESBACKEND",),
 }
 """Calico's names for the same settings, read when calicnm's own is unset."""
 
@@ -185,6 +200,8 @@ class Config:
     pending_max_age: str = "300"
     metrics_address: str | None = None
     endpoint_to_host_action: str = "drop"
+    iptables_backend: str = "host"
+    driver_name: str = "calicnm"
 
     @classmethod
     def from_env(

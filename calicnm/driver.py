@@ -63,6 +63,7 @@ from calicnm.endpoint import (
     plan_link,
 )
 from calicnm.errors import (
+    AddressInUse,
     CalicnmError,
     Conflict,
     DataplaneError,
@@ -278,16 +279,25 @@ class Driver:
         exclude: tuple[IPv4Network, ...] = ()
         if ref.subnet is None and address is None:
             exclude = tuple(net for n in self.networks() for net in n.subnets)
-        got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
+        try:
+            got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
+        except AddressInUse:
+            # A container restarted at its --ip after a Docker restart during
+            # which the plugin was down: the old endpoint's record is still
+            # there, its veth died with the old container.
+            if address is None or not self._remove_dead_holders(address):
+                raise
+            self._ipam.release(address)
+            got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
         return {"Address": f"{got}/32", "Data": {}}
 
-    def release_address(self, body: Any) -> dict[str, Any]:
-        """Free an address, unless a live endpoint of this host still holds
-        it (409 naming it).  A record whose host interface is gone is the
-        remains of an interrupted DeleteEndpoint: it is deleted first."""
-        req = _obj(body)
-        PoolRef.parse(req.get("PoolID"))
-        address = parse_address(_str(req, "Address"))
+    def _remove_dead_holders(self, address: IPv4Address) -> int:
+        """Delete this host's endpoint records that hold ``address`` but whose
+        host interface is gone; how many.  CreateEndpoint makes the veth
+        before the record, so such a record is the remains of a container
+        whose network namespace died while DeleteEndpoint could not reach
+        the plugin.  Conflict if a holder's interface still exists (a live
+        endpoint), or a record changed meanwhile."""
         holders = []
         for _parts, kv in records.endpoint_kvs(self._store, self._host):
             try:
@@ -310,11 +320,21 @@ class Driver:
                     "released; try again"
                 )
             _log.warning(
-                "endpoint record removed on release: endpoint=%s ip=%s (its interface %s is gone)",
+                "endpoint record removed: endpoint=%s ip=%s (its interface %s is gone)",
                 endpoint.id[:12],
                 address,
                 endpoint.interface,
             )
+        return len(holders)
+
+    def release_address(self, body: Any) -> dict[str, Any]:
+        """Free an address, unless a live endpoint of this host still holds
+        it (409 naming it).  A record whose host interface is gone is the
+        remains of an interrupted DeleteEndpoint: it is deleted first."""
+        req = _obj(body)
+        PoolRef.parse(req.get("PoolID"))
+        address = parse_address(_str(req, "Address"))
+        self._remove_dead_holders(address)
         self._ipam.release(address)
         return {}
 

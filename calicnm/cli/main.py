@@ -9,6 +9,7 @@ store from the shared settings, runs one command and turns any
 from __future__ import annotations
 
 import argparse
+import glob
 import http.client
 import importlib.metadata
 import json
@@ -33,6 +34,7 @@ from calicnm.config import (
 from calicnm.errors import CalicnmError, InvalidRequest, NotFound, Unsupported
 from calicnm.host.markers import StatusFile
 from calicnm.model import Pool, parse_address, parse_network
+from calicnm.node.node_container import DEFAULT_IMAGE, DEFAULT_NAME, start_node_container
 from calicnm.store import records
 from calicnm.wiring import setup_logging
 
@@ -54,6 +56,8 @@ NODE_SETTINGS = [
     "pending_max_age",
     "metrics_address",
     "endpoint_to_host_action",
+    "iptables_backend",
+    "driver_name",
 ]
 
 
@@ -61,6 +65,16 @@ NODE_SETTINGS = [
 
 
 def cmd_node_run(ctx: Context) -> int:
+    if ctx.args.container:
+        container_id = start_node_container(
+            ctx.config, ctx.sources, image=ctx.args.image, name=ctx.args.name
+        )
+        out(
+            f"calicnm node is running in container {ctx.args.name} ({container_id[:12]}, "
+            f"image {ctx.args.image}), answering on {ctx.config.socket}; "
+            f"logs: docker logs {ctx.args.name}"
+        )
+        return 0
     from calicnm.node.daemon import Node
 
     setup_logging(ctx.config.log_level)
@@ -90,11 +104,23 @@ def plugin_activate(path: str, timeout: float = 3.0) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def plugin_socket(ctx: Context) -> str:
+    """The socket ``status`` asks: the configured one, or, when that is the
+    default and absent, the managed plugin's (Docker keeps it in a directory
+    named after the plugin's id, ``/run/docker/plugins/<id>/calicnm.sock``)."""
+    path = ctx.config.socket
+    if ctx.sources.get("socket") != "default" or os.path.exists(path):
+        return path
+    directory, name = os.path.split(path)
+    managed = sorted(glob.glob(os.path.join(glob.escape(directory), "*", name)))
+    return managed[0] if len(managed) == 1 else path
+
+
 def status_data(ctx: Context) -> dict[str, Any]:
     """Everything ``status`` reports, as data: the plugin, etcd, the agent
     (and the invalid records it skipped), and ``ok`` (all three healthy)."""
     data: dict[str, Any] = {"host": ctx.config.hostname}
-    path = ctx.config.socket
+    path = plugin_socket(ctx)
     try:
         implements = plugin_activate(path).get("Implements", [])
         data["plugin"] = {"socket": path, "answering": True, "implements": implements}
@@ -431,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     run = leaf(node_sub, "run", cmd_node_run, "run this host's node in the foreground")
     add_arguments(run, NODE_SETTINGS, subcommand=True)
+    run.add_argument(
+        "--container",
+        action="store_true",
+        help="start the node image as a container on this host's Docker instead, "
+        "with these settings, and return once its plugin answers",
+    )
+    run.add_argument("--image", default=DEFAULT_IMAGE, help="with --container: the node image")
+    run.add_argument("--name", default=DEFAULT_NAME, help="with --container: the container's name")
     from calicnm.cli.bgp_commands import register
 
     register(sub, node_sub, leaf)

@@ -40,8 +40,54 @@ class Backend:
     iptables: str
 
 
-def detect_backend() -> Backend:
-    """Use whatever the host's ``iptables`` command is."""
+BACKEND_CHOICES = ("host", "auto", "nft", "legacy")
+"""How the node picks the iptables backend (setting ``CALICNM_IPTABLES_BACKEND``):
+``host``, the backend of this system's ``iptables`` command; ``auto``, the
+backend that already holds more rules (dockerd's), as Felix's ``auto`` does,
+for a node in a container whose ``iptables`` need not be the host's; or
+``nft``/``legacy`` by name."""
+
+
+def _binary(suffix: str, tool: str) -> str | None:
+    return shutil.which(f"iptables-{suffix}{tool}")
+
+
+def _backend(name: str) -> Backend:
+    suffix = "legacy" if name == "legacy" else "nft"
+    binary = _binary(suffix, "")
+    save, restore = _binary(suffix, "-save"), _binary(suffix, "-restore")
+    if binary is None or save is None or restore is None:
+        raise DataplaneError(f"iptables-{suffix} is not installed (apt-get install iptables)")
+    return Backend(name, save, restore, binary)
+
+
+def _rule_count(save: str) -> int:
+    """Rules the backend of ``save`` holds now; -1 when it cannot tell."""
+    try:
+        out = subprocess.run([save], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return -1
+    return sum(1 for line in out.splitlines() if line.startswith("-A "))
+
+
+def detect_backend(choice: str = "host") -> Backend:
+    """The backend for ``choice`` (one of :data:`BACKEND_CHOICES`).
+
+    ``auto`` reads both backends' rules once and takes legacy only when it
+    holds more rules than nf_tables; on a tie it falls back to ``host``.
+    DataplaneError when the tools are missing or ``choice`` is unknown."""
+    if choice not in BACKEND_CHOICES:
+        raise DataplaneError(
+            f"iptables backend {choice!r} is not one of {', '.join(BACKEND_CHOICES)}"
+        )
+    if choice in ("nft", "legacy"):
+        return _backend("nf_tables" if choice == "nft" else "legacy")
+    if choice == "auto":
+        legacy_save, nft_save = _binary("legacy", "-save"), _binary("nft", "-save")
+        if legacy_save is not None and nft_save is not None:
+            legacy, nft = _rule_count(legacy_save), _rule_count(nft_save)
+            if legacy != nft:
+                return _backend("legacy" if legacy > nft else "nf_tables")
     iptables = shutil.which("iptables")
     if iptables is None:
         raise DataplaneError("iptables is not installed (apt-get install iptables)")
@@ -53,9 +99,9 @@ def detect_backend() -> Backend:
         raise DataplaneError(f"cannot run iptables --version: {exc}") from exc
     name = "legacy" if "legacy" in version else "nf_tables"
     suffix = "legacy" if name == "legacy" else "nft"
-    save = shutil.which(f"iptables-{suffix}-save") or "iptables-save"
-    restore = shutil.which(f"iptables-{suffix}-restore") or "iptables-restore"
-    binary = shutil.which(f"iptables-{suffix}") or iptables
+    save = _binary(suffix, "-save") or "iptables-save"
+    restore = _binary(suffix, "-restore") or "iptables-restore"
+    binary = _binary(suffix, "") or iptables
     return Backend(name, save, restore, binary)
 
 

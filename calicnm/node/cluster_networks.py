@@ -47,7 +47,7 @@ class DockerNetworks(Protocol):
     def remove_network(self, network_id: str) -> None: ...
 
 
-def docker_spec(network: ClusterNetwork) -> dict[str, Any]:
+def docker_spec(network: ClusterNetwork, driver: str = DRIVER) -> dict[str, Any]:
     """The body of Docker's ``POST /networks/create`` for ``network``."""
     config: list[dict[str, str]] = []
     if network.subnet is not None:
@@ -57,9 +57,9 @@ def docker_spec(network: ClusterNetwork) -> dict[str, Any]:
         config.append(entry)
     spec: dict[str, Any] = {
         "Name": network.name,
-        "Driver": DRIVER,
+        "Driver": driver,
         "CheckDuplicate": True,
-        "IPAM": {"Driver": DRIVER, "Config": config},
+        "IPAM": {"Driver": driver, "Config": config},
         "Internal": network.internal,
         "Labels": {LABEL: network.name},
     }
@@ -74,10 +74,15 @@ def _is_calicnm(summary: dict[str, Any]) -> bool:
 
 
 class ClusterNetworkSync:
-    def __init__(self, store: Store, host: str, docker: DockerNetworks) -> None:
+    def __init__(
+        self, store: Store, host: str, docker: DockerNetworks, driver: str = DRIVER
+    ) -> None:
+        """``driver`` is the name this host's Docker knows the plugin by
+        (``calicnm``, or a managed plugin's ``calicnm/calicnm:latest``)."""
         self._store = store
         self._host = host
         self._docker = docker
+        self._driver = driver
 
     def sync(self) -> None:
         """One pass: make the Docker networks equal to the definitions.
@@ -90,7 +95,7 @@ class ClusterNetworkSync:
             have = present.get(name)
             if have is None:
                 try:
-                    self._docker.create_network(docker_spec(network))
+                    self._docker.create_network(docker_spec(network, self._driver))
                 except OSError as exc:
                     states[name] = ("problem", str(exc))
                     continue

@@ -59,7 +59,7 @@ from calicnm.errors import (
 )
 from calicnm.faults import NODE_PID_ENV
 from calicnm.host.ipsets import Ipsets
-from calicnm.host.iptables import Iptables
+from calicnm.host.iptables import Iptables, detect_backend
 from calicnm.host.markers import InFlight, Markers, StatusFile
 from calicnm.host.netlink import HostPlumbing, ensure_gateway_route, host_addresses
 from calicnm.host.policy_applier import PolicyApplier
@@ -301,7 +301,10 @@ class Node:
             store,
             config.hostname,
             PolicyApplier(
-                Iptables(on_error=metrics.iptables_errors.inc if metrics else None),
+                Iptables(
+                    detect_backend(config.iptables_backend.lower()),
+                    on_error=metrics.iptables_errors.inc if metrics else None,
+                ),
                 Ipsets(on_error=metrics.ipset_errors.inc if metrics else None),
             ),
             HostPlumbing(),
@@ -335,7 +338,9 @@ class Node:
             target=self._collect, name="collector", daemon=True
         )
         self._collector_thread.start()
-        networks = ClusterNetworkSync(store, config.hostname, DockerAPI(config.docker_host))
+        networks = ClusterNetworkSync(
+            store, config.hostname, DockerAPI(config.docker_host), config.driver_name
+        )
         threading.Thread(
             target=networks.run, args=(self._stop, store.watch), name="networks", daemon=True
         ).start()

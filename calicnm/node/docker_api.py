@@ -1,9 +1,10 @@
 """Docker's own API: the only module that speaks to dockerd.
 
-Reads, plus creating and removing the cluster networks a node keeps on its
-Docker.  Never called from inside a Docker call (dockerd may hold the lock
-the API call needs, and deadlock): the node and the CLI call it from their
-own threads.
+Reads; creating and removing the cluster networks a node keeps on its
+Docker; and, for ``calicnm node run --container``, creating, starting and
+removing the node's own container.  Never called from inside a Docker call
+(dockerd may hold the lock the API call needs, and deadlock): the node and
+the CLI call it from their own threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from urllib.parse import quote, urlsplit
 
 UNREACHABLE = (OSError, ValueError, http.client.HTTPException)
 """What a call raises when dockerd does not answer, or answers nonsense."""
+
+
+def _message(body: Any) -> str:
+    """Docker's error message in an answer body."""
+    return str(body.get("message") if isinstance(body, dict) else body).strip()[:300]
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -131,6 +137,41 @@ class DockerAPI:
             if status == 200 and isinstance(network, dict):
                 found.append(network)
         return found
+
+    def container_running(self, name: str) -> bool | None:
+        """Whether container ``name`` runs; None if Docker has no such container."""
+        status, body = self._get(f"/containers/{quote(name)}/json")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(body, dict):
+            raise OSError(f"Docker answered {status} for container {name}")
+        state = body.get("State")
+        return bool(state.get("Running")) if isinstance(state, dict) else False
+
+    def has_image(self, image: str) -> bool:
+        status, _body = self._get(f"/images/{quote(image, safe='')}/json")
+        if status not in (200, 404):
+            raise OSError(f"Docker answered {status} for image {image}")
+        return status == 200
+
+    def run_container(self, name: str, spec: dict[str, Any]) -> str:
+        """Create container ``name`` from ``spec`` and start it; its id.  On a
+        failed start the created container is removed again."""
+        status, body = self._request("POST", f"/containers/create?name={quote(name)}", spec)
+        if status != 201 or not isinstance(body, dict) or not isinstance(body.get("Id"), str):
+            raise OSError(f"Docker refused to create container {name}: {_message(body)}")
+        container_id: str = body["Id"]
+        status, body = self._request("POST", f"/containers/{quote(container_id)}/start")
+        if status not in (204, 304):
+            self.remove_container(container_id)
+            raise OSError(f"Docker could not start container {name}: {_message(body)}")
+        return container_id
+
+    def remove_container(self, name: str) -> None:
+        """Stop and remove container ``name`` (``docker rm -f``); no error if gone."""
+        status, body = self._request("DELETE", f"/containers/{quote(name)}?force=1")
+        if status not in (204, 404):
+            raise OSError(f"Docker refused to remove container {name}: {_message(body)}")
 
     def network_endpoints(self, network_id: str) -> frozenset[str] | None:
         """Ids of the endpoints Docker has on the network (joined or not), or
