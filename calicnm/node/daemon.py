@@ -100,7 +100,8 @@ _log = logging.getLogger(__name__)
 AGENT_RESTART_LIMIT = 5
 AGENT_RESTART_WINDOW = 60.0
 HOST_RECORD_REFRESH_SECONDS = 10.0
-"""How often the node re-writes its host record (its address may change)."""
+"""How often the node checks its host record (its address may change, or the
+record may have been removed); it writes only when the record differs."""
 CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
 
@@ -435,8 +436,7 @@ class Node:
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + HOST_RECORD_REFRESH_SECONDS
                     if self._store is not None:
-                        host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
-                        register_host(self._store, host)
+                        self._refresh_host_record(self._store)
                 self._supervise_agent()
                 if self._etcd is not None and not self._etcd.alive():
                     _log.error("embedded etcd died; restarting it")
@@ -454,6 +454,20 @@ class Node:
                 _log.warning("node pass failed: %s", exc)
             except Exception:  # the node must stay up whatever one pass hits
                 _log.exception("node pass failed unexpectedly")
+
+    def _refresh_host_record(self, store: EtcdStore) -> None:
+        """Register this host again only when its stored record differs from
+        what it is now (a new address, a new AS, a removed record).  At idle
+        that is one read of one key and no write, so the node makes no etcd
+        revision that every other host's agent would have to see."""
+        host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
+        try:
+            stored = records.host(store, host.name)
+        except InvalidRequest:
+            stored = None  # malformed: replaced by a valid one
+        if stored != host:
+            register_host(store, host)
+            _log.info("host record updated name=%s ip=%s", host.name, host.ip)
 
     def _figures(self) -> NodeFigures:
         """What a metrics scrape reads (see ``node.metrics``)."""

@@ -313,7 +313,10 @@ def endpoint(store: Store, host: str, endpoint_id: str) -> tuple[KV, Endpoint] |
 
 
 def hosts(store: Store) -> list[Host]:
-    """Every registered host (host records only; endpoints are not read)."""
+    """Every registered host.  Reads the whole ``hosts/`` prefix, endpoints
+    included, and keeps the host records: a cost that grows with the
+    cluster, so the node calls it only at start and when its address
+    changes."""
     return _valid((kv for _, kv in _host_scoped(store, HOST, None)), decode_host)
 
 
