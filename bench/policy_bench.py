@@ -185,7 +185,7 @@ def run(store: EtcdStore, args: argparse.Namespace, workdir: str) -> int:
 
     # Rule changes with the agent running on its etcd watch.
     stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop, store.watch), daemon=True)
+    thread = threading.Thread(target=agent.run, args=(stop, store), daemon=True)
     thread.start()
     time.sleep(1.0)
     latencies = []

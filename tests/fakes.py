@@ -27,7 +27,7 @@ from calicnm.endpoint import LinkPlan
 from calicnm.errors import DataplaneError, DatastoreUnavailable
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Backend, Iptables
-from calicnm.store.kv import ABSENT, KV, Txn
+from calicnm.store.kv import ABSENT, KV, Change, OnChanges, OnEnd, Txn
 
 
 class MemoryStore:
@@ -39,6 +39,14 @@ class MemoryStore:
         self._watches: dict[int, tuple[str, Callable[[bool], None]]] = {}
         self._next_watch = 0
         self.commits = 0
+        self._history: list[Change] = []
+        self._compacted = 0
+        self._streams: dict[int, tuple[str, OnChanges, OnEnd]] = {}
+        self.reads = 0
+        """``get``, ``list`` and ``list_at`` calls so far."""
+        self._ordered = threading.RLock()
+        """Held across a write and the delivery of its changes, so every
+        stream sees changes in revision order, as from etcd."""
 
     @property
     def down(self) -> bool:
@@ -53,8 +61,12 @@ class MemoryStore:
             with self._lock:
                 broken = list(self._watches.values())
                 self._watches.clear()
+                streams = list(self._streams.values())
+                self._streams.clear()
             for _prefix, notify in broken:
                 notify(False)
+            for _prefix, _on_changes, on_end in streams:
+                on_end(False)
 
     def _check(self) -> None:
         if self._down:
@@ -78,59 +90,137 @@ class MemoryStore:
 
     def live_watches(self) -> int:
         with self._lock:
-            return len(self._watches)
+            return len(self._watches) + len(self._streams)
 
-    def _changed(self, changed: Iterable[str]) -> None:
+    def watch_changes(
+        self, prefix: str, after: int, on_changes: OnChanges, on_end: OnEnd
+    ) -> Callable[[], None]:
+        """As ``EtcdStore.watch_changes``.  The history after ``after`` is
+        replayed before this returns (in the caller's thread); a compacted
+        one calls ``on_end(True)`` instead.  Later changes are delivered in
+        the writer's thread, after the write."""
+        self._check()
+        with self._lock:
+            if after + 1 < self._compacted:  # as etcd: start revision < compaction
+                compacted = True
+            else:
+                compacted = False
+                self._next_watch += 1
+                stream_id = self._next_watch
+                self._streams[stream_id] = (prefix, on_changes, on_end)
+                replay = [
+                    c for c in self._history if c.revision > after and c.key.startswith(prefix)
+                ]
+        if compacted:
+            on_end(True)
+            return lambda: None
+        if replay:
+            on_changes(replay)
+
+        def cancel() -> None:
+            with self._lock:
+                self._streams.pop(stream_id, None)
+
+        return cancel
+
+    def compact(self, revision: int | None = None) -> None:
+        """Forget the history before ``revision`` (default: the current one), as
+        etcd's compaction does: a change stream asked to start before it is
+        told it is compacted.  Like etcd, a delete made at ``revision`` itself
+        is forgotten too, while a stream may still start there."""
+        with self._lock:
+            self._compacted = self._revision if revision is None else revision
+            self._history = [
+                c
+                for c in self._history
+                if c.revision > self._compacted
+                or (c.revision == self._compacted and c.value is not None)
+            ]
+
+    def list_at(self, prefix: str) -> tuple[list[KV], int]:
+        self._check()
+        with self._lock:
+            self.reads += 1
+            kvs = [KV(k, *v) for k, v in sorted(self._data.items()) if k.startswith(prefix)]
+            return kvs, self._revision
+
+    def _record(self, changes: list[Change]) -> None:
+        """Called under the lock by every write: keep the history."""
+        self._history.extend(changes)
+
+    def _changed(self, changed: Iterable[str], recent: list[Change] | None = None) -> None:
         with self._lock:
             watches = list(self._watches.values())
+            streams = list(self._streams.values())
+        recent = recent or []
         keys = list(changed)
         for prefix, notify in watches:
             if any(k.startswith(prefix) for k in keys):
                 notify(True)
+        for prefix, on_changes, _on_end in streams:
+            mine = [c for c in recent if c.key.startswith(prefix)]
+            if mine:
+                on_changes(mine)
 
     def get(self, key: str) -> KV | None:
         self._check()
         with self._lock:
+            self.reads += 1
             item = self._data.get(key)
             return KV(key, *item) if item else None
 
     def list(self, prefix: str) -> list[KV]:
         self._check()
         with self._lock:
+            self.reads += 1
             return [KV(k, *v) for k, v in sorted(self._data.items()) if k.startswith(prefix)]
 
     def put(self, key: str, value: str) -> None:
         self._check()
-        with self._lock:
-            self._revision += 1
-            self._data[key] = (value, self._revision)
-        self._changed([key])
+        with self._ordered:
+            with self._lock:
+                self._revision += 1
+                self._data[key] = (value, self._revision)
+                changes = [Change(key, value, self._revision)]
+                self._record(changes)
+            self._changed([key], changes)
 
     def delete(self, key: str) -> bool:
         self._check()
-        with self._lock:
-            found = self._data.pop(key, None) is not None
-        if found:
-            self._changed([key])
+        with self._ordered:
+            changes = []
+            with self._lock:
+                found = self._data.pop(key, None) is not None
+                if found:
+                    self._revision += 1
+                    changes = [Change(key, None, self._revision)]
+                    self._record(changes)
+            if found:
+                self._changed([key], changes)
         return found
 
     def commit(self, txn: Txn) -> int:
         self._check()
-        with self._lock:
-            self.commits += 1
-            for key, revision in txn.compare:
-                current = self._data.get(key)
-                if revision == ABSENT and current is not None:
-                    return 0
-                if revision != ABSENT and (current is None or current[1] != revision):
-                    return 0
-            self._revision += 1
-            for key, value in txn.puts:
-                self._data[key] = (value, self._revision)
-            for key in txn.deletes:
-                self._data.pop(key, None)
-            revision = self._revision
-        self._changed([k for k, _ in txn.puts] + list(txn.deletes))
+        with self._ordered:
+            with self._lock:
+                self.commits += 1
+                for key, revision in txn.compare:
+                    current = self._data.get(key)
+                    if revision == ABSENT and current is not None:
+                        return 0
+                    if revision != ABSENT and (current is None or current[1] != revision):
+                        return 0
+                self._revision += 1
+                changes = []
+                for key, value in txn.puts:
+                    self._data[key] = (value, self._revision)
+                    changes.append(Change(key, value, self._revision))
+                for key in txn.deletes:
+                    if self._data.pop(key, None) is not None:
+                        changes.append(Change(key, None, self._revision))
+                self._record(changes)
+                revision = self._revision
+            self._changed([k for k, _ in txn.puts] + list(txn.deletes), changes)
         return revision
 
     def close(self) -> None:

@@ -1,14 +1,23 @@
 """The per-host agent (Calico's Felix role): keep the kernel equal to etcd.
 
-Level-triggered: each pass reads the whole desired state (profiles,
-networks, endpoints of every host), compiles it, and applies the
-difference to the kernel; it never acts on an event's content, only on the
-fact that something changed.  So a lost watch event, a restart or a crash
-mid-apply cannot leave the host wrong for longer than one pass.
+Level-triggered: each pass compiles the whole desired state (profiles,
+networks, endpoints of every host) from a snapshot of the datastore and
+applies the difference to the kernel; it never acts on an event's content,
+only on the fact that something changed.  So a lost watch event, a restart
+or a crash mid-apply cannot leave the host wrong for longer than one pass.
 
-Passes run when the etcd watch reports a change, at least every
-``resync`` seconds as a full resync that also repairs drift, and every
-second while the watch is down.  Twice a second the agent also checks,
+The snapshot comes from a copy of the datastore kept in memory
+(``store.mirror.PrefixMirror``): read whole once, then kept current by
+etcd's change stream, whose events carry each change's key and value.  A
+change therefore costs each agent one event, not a read of the cluster.
+The copy is read whole again only at start, when the stream's history has
+been compacted away (a stream that merely broke resumes from its revision),
+and the snapshot is decoded from it again only after the stream reported
+something: the periodic drift repair compiles the kept snapshot and costs
+etcd nothing.  While there is no stream (etcd down, or a store without one)
+every pass reads the datastore itself.  Passes run when the stream reports
+a change, at least every ``resync`` seconds as a full resync that also
+repairs drift, and every second while the stream is down.  Twice a second the agent also checks,
 cheaply, that its jumps are still rule 1 of FORWARD, INPUT, POSTROUTING and
 dockerd's DOCKER-USER and that its chains still hold rules; if anything
 moved (an outside ``iptables -F``, a dockerd restart) a full pass follows at
@@ -51,7 +60,8 @@ from calicnm.profiles import (
 from calicnm.routing.encap import tunnel_routes
 from calicnm.store import keys
 from calicnm.store.identity import DatastoreGuard
-from calicnm.store.kv import Store
+from calicnm.store.kv import ChangeSource, Store
+from calicnm.store.mirror import PrefixMirror
 from calicnm.store.records import Snapshot, read_snapshot
 
 _log = logging.getLogger(__name__)
@@ -105,7 +115,6 @@ class Agent:
         self._hooks = hooks or []
         self._routed: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self._wake = threading.Event()
-        self._cancel_watch: Callable[[], None] | None = None
         self._watch_ok = False
         self.passes = 0
         self.last_error: str | None = None
@@ -116,6 +125,17 @@ class Agent:
         self._busy_since: float | None = None
         self._invalid: dict[str, str] = {}
         self._guard = guard
+        # What the watch has reported (changes, breaks, a new watch), and the
+        # snapshot read after the last of them: while the watch is up and
+        # reports nothing, a pass (the periodic drift repair included)
+        # compiles that snapshot again instead of re-reading etcd.
+        self._events = 0
+        self._events_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._snapshot_events = -1
+        self._mirror: PrefixMirror | None = None
+        self.reads = 0
+        """Passes that read the datastore itself (no change stream running)."""
 
     # ---- one pass ----------------------------------------------------------
 
@@ -141,9 +161,7 @@ class Agent:
         # the read: an empty or foreign etcd is never taken as the truth.
         if self._guard is not None:
             self._guard.check()
-        snapshot = read_snapshot(self._store)
-        if self._guard is not None:
-            self._guard.check()
+        snapshot = self._current_snapshot()
         self._note_invalid(snapshot.invalid)
         waiting = False
         for hook in self._hooks:
@@ -193,6 +211,38 @@ class Agent:
         self.passes += 1
         return waiting
 
+    def _current_snapshot(self) -> Snapshot:
+        """The datastore as of the last stream report: the kept snapshot when
+        the stream runs and has reported nothing since; else decoded from the
+        in-memory copy when it is current, or read from etcd when it is not
+        (checked against the datastore guard once more after the read).  A
+        report that arrives meanwhile leaves the counter ahead of the
+        snapshot, so the next pass takes a newer one."""
+        with self._events_lock:
+            events = self._events
+        mirror = self._mirror
+        fresh = self._watch_ok and mirror is not None and mirror.fresh
+        if fresh and self._snapshot is not None and self._snapshot_events == events:
+            return self._snapshot
+        if fresh and mirror is not None:
+            snapshot = read_snapshot(mirror.view())
+        else:
+            snapshot = read_snapshot(self._store)
+            if self._guard is not None:
+                self._guard.check()
+            self.reads += 1
+        self._snapshot, self._snapshot_events = snapshot, events
+        return snapshot
+
+    @property
+    def full_reads(self) -> int:
+        """Whole reads of the datastore: the copy's loads plus passes without it."""
+        return self.reads + (self._mirror.reloads if self._mirror is not None else 0)
+
+    def _count_event(self) -> None:
+        with self._events_lock:
+            self._events += 1
+
     def first_pass(self) -> None:
         """One full pass before the node serves Docker; recorded in the status
         file like any other.  Raises what the pass raises."""
@@ -206,28 +256,33 @@ class Agent:
         """Run the next pass now (and notice a stop request at once)."""
         self._wake.set()
 
-    def notify(self, healthy: bool) -> None:
-        """Watch callback: a change (True) or a broken watch (False)."""
-        if not healthy:
+    def _mirror_changed(self) -> None:
+        """The copy's callback: a batch applied, or its stream ended."""
+        mirror = self._mirror
+        if mirror is not None and not mirror.fresh:
             self._watch_ok = False
+        self._count_event()
         self._wake.set()
 
-    def _ensure_watch(self, watch: Callable[..., Callable[[], None]] | None) -> None:
-        if watch is None or self._watch_ok:
+    def _ensure_stream(self, changes: ChangeSource | None) -> None:
+        """Keep the in-memory copy current: start it, or resume or reload it
+        after its stream ended.  On failure the pass reads etcd itself and
+        the next loop tries again."""
+        if changes is None or self._watch_ok:
             return
-        if self._cancel_watch is not None:
-            self._cancel_watch()
-            self._cancel_watch = None
+        if self._mirror is None:
+            self._mirror = PrefixMirror(changes, keys.ROOT + "/", self._mirror_changed)
         try:
-            self._cancel_watch = watch(keys.ROOT + "/", self.notify)
-            self._watch_ok = True
-            _log.info("watching etcd for changes")
+            self._mirror.start()
         except CalicnmError as exc:
-            _log.warning("cannot watch etcd (%s); polling until it answers", exc)
+            _log.warning("cannot follow etcd's changes (%s); polling until it answers", exc)
+            return
+        self._watch_ok = True
+        self._count_event()
+        self._wake.set()
+        _log.info("following etcd's changes from revision %d", self._mirror.revision)
 
-    def run(
-        self, stop: threading.Event, watch: Callable[..., Callable[[], None]] | None = None
-    ) -> None:
+    def run(self, stop: threading.Event, changes: ChangeSource | None = None) -> None:
         """Passes until ``stop`` is set.  Never raises: every failure is
         logged, backed off and recorded in the status file."""
         next_full = 0.0
@@ -237,7 +292,7 @@ class Agent:
         moved = 0  # checks in a row that found the jumps out of place
         reported: str | None = None
         while not stop.is_set():
-            self._ensure_watch(watch)
+            self._ensure_stream(changes)
             now = time.monotonic()
             if now >= next_check:
                 # First, whatever else is due: a stream of passes (every etcd
@@ -308,8 +363,8 @@ class Agent:
                 continue
             deadline = min(next_check, next_full, next_pass)
             self._wake.wait(max(0.0, deadline - time.monotonic()))
-        if self._cancel_watch is not None:
-            self._cancel_watch()
+        if self._mirror is not None:
+            self._mirror.stop()
 
     # ---- health -----------------------------------------------------------------
 

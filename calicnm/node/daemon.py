@@ -374,7 +374,7 @@ class Node:
         store = self._store
         assert store is not None  # set before the agent is built
         self._agent_thread = threading.Thread(
-            target=self._agent.run, args=(self._stop, store.watch), name="agent", daemon=True
+            target=self._agent.run, args=(self._stop, store), name="agent", daemon=True
         )
         self._agent_thread.start()
 

@@ -20,6 +20,7 @@ again, on whichever endpoint answers then.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import queue
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest
-from calicnm.store.kv import ABSENT, KV, Txn
+from calicnm.store.kv import ABSENT, KV, Change, OnChanges, OnEnd, Txn
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -258,6 +259,44 @@ class EtcdStore:
             for v, m in items
         ]
 
+    def list_at(self, prefix: str) -> tuple[builtins.list[KV], int]:
+        """The keys under ``prefix`` and the revision of that read (one range
+        request; the response header carries the revision)."""
+
+        def read(c: Any) -> tuple[builtins.list[KV], int]:
+            response = c.get_prefix_response(prefix, sort_order="ascend")
+            kvs = [
+                KV(
+                    kv.key.decode(errors="surrogateescape"),
+                    kv.value.decode(errors="surrogateescape"),
+                    kv.mod_revision,
+                )
+                for kv in response.kvs
+            ]
+            return kvs, int(response.header.revision)
+
+        return self._call(read)
+
+    def watch_changes(
+        self, prefix: str, after: int, on_changes: OnChanges, on_end: OnEnd
+    ) -> Callable[[], None]:
+        """As ``kv.ChangeSource.watch_changes``: one watch from revision
+        ``after + 1``, whose events (key, value, revision) are passed on in
+        batches.  When etcd no longer holds that history it says so right
+        after creating the watch: ``on_end(True)`` follows from the stream's
+        thread (or before this returns, if etcd refuses the watch outright)."""
+
+        def start(client: Any) -> _Watch:
+            return _Watch(
+                client, prefix, None, self._timeout, after + 1, on_changes, on_end
+            ).start()
+
+        try:
+            return self._call(start).cancel
+        except WatchCompacted:
+            on_end(True)
+            return lambda: None
+
     def put(self, key: str, value: str) -> None:
         self._call(lambda c: c.put(key, value))
 
@@ -478,27 +517,45 @@ def _first_change_after(c: Any, key: str, revision: int, changed: int) -> int:
     return high
 
 
+class WatchCompacted(CalicnmError):
+    """etcd no longer holds the history a watch was asked to start from."""
+
+
 class _Watch:
     """One watch on one client: its own gRPC stream and reader thread.
 
     States: ``starting`` (until etcd confirms), ``live``, ``cancelled`` (by
     the caller) or ``broken``.  A live watch that breaks calls
-    ``notify(False)`` exactly once and its thread ends; a cancelled one ends
-    quietly.  Nothing is raised in the thread."""
+    ``notify(False)`` (or, for a change stream, ``on_end``) exactly once and
+    its thread ends; a cancelled one ends quietly.  Nothing is raised in the
+    thread.  A change stream (``start_revision`` and ``on_changes`` given)
+    passes each response's events on as ``Change`` batches; a plain watch
+    only calls ``notify(True)``."""
 
     def __init__(
-        self, client: Any, prefix: str, notify: Callable[[bool], None], timeout: float
+        self,
+        client: Any,
+        prefix: str,
+        notify: Callable[[bool], None] | None,
+        timeout: float,
+        start_revision: int | None = None,
+        on_changes: OnChanges | None = None,
+        on_end: OnEnd | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._notify = notify
         self._timeout = timeout
+        self._start_revision = start_revision
+        self._on_changes = on_changes
+        self._on_end = on_end
         self._lock = threading.Lock()
         self._state = "starting"
         self._created = threading.Event()
         self._error: Exception | None = None
         self._requests: queue.Queue[Any] = queue.Queue()
         self._stream: Any = None
+        self._compacted = False
 
     def start(self) -> _Watch:
         """Open the stream and wait (``timeout``) for etcd to confirm the
@@ -507,13 +564,10 @@ class _Watch:
         import etcd3.utils as utils
 
         key = self._prefix.encode()
-        self._requests.put(
-            etcdrpc.WatchRequest(
-                create_request=etcdrpc.WatchCreateRequest(
-                    key=key, range_end=utils.increment_last_byte(key)
-                )
-            )
-        )
+        create = etcdrpc.WatchCreateRequest(key=key, range_end=utils.increment_last_byte(key))
+        if self._start_revision is not None:
+            create.start_revision = self._start_revision
+        self._requests.put(etcdrpc.WatchRequest(create_request=create))
         metadata = (*(self._client.metadata or ()), REQUIRE_LEADER)
         stub = etcdrpc.WatchStub(self._client.channel)
         self._stream = stub.Watch(
@@ -562,8 +616,14 @@ class _Watch:
             reason = response.cancel_reason or f"compacted at {response.compact_revision}"
             with self._lock:
                 starting = self._state == "starting"
+            if response.compact_revision:
+                self._compacted = True
             if starting:
-                self._error = CalicnmError(f"etcd refused the watch on {self._prefix}: {reason}")
+                self._error = (
+                    WatchCompacted(f"etcd compacted {self._prefix} at {response.compact_revision}")
+                    if response.compact_revision
+                    else CalicnmError(f"etcd refused the watch on {self._prefix}: {reason}")
+                )
             else:
                 _log.warning("etcd ended the watch on %s: %s", self._prefix, reason)
             return False
@@ -576,7 +636,12 @@ class _Watch:
         with self._lock:
             live = self._state == "live"
         if live:
-            self._safe_notify(True)
+            if self._on_changes is not None:
+                changes = [_change(event) for event in response.events]
+                if changes:
+                    self._safe_call(lambda: self._on_changes(changes))  # type: ignore[misc]
+            else:
+                self._safe_notify(True)
         return live
 
     def _end(self, error: Exception) -> None:
@@ -590,14 +655,33 @@ class _Watch:
             self._created.set()
         elif state == "live":
             _, text = _classify(error)
-            _log.warning("etcd watch on %s broke: %s", self._prefix, text)
-            self._safe_notify(False)
+            if not self._compacted:
+                _log.warning("etcd watch on %s broke: %s", self._prefix, text)
+            if self._on_end is not None:
+                on_end, compacted = self._on_end, self._compacted
+                self._safe_call(lambda: on_end(compacted))
+            else:
+                self._safe_notify(False)
 
     def _safe_notify(self, healthy: bool) -> None:
+        notify = self._notify
+        if notify is not None:
+            self._safe_call(lambda: notify(healthy))
+
+    def _safe_call(self, fn: Callable[[], None]) -> None:
         try:
-            self._notify(healthy)
+            fn()
         except Exception:
             _log.exception("etcd watch callback failed")
+
+
+def _change(event: Any) -> Change:
+    """A watch event as a ``Change`` (a delete has no value)."""
+    kv = event.kv
+    key = kv.key.decode(errors="surrogateescape")
+    if event.type == 1:  # mvccpb.Event.DELETE
+        return Change(key, None, int(kv.mod_revision))
+    return Change(key, kv.value.decode(errors="surrogateescape"), int(kv.mod_revision))
 
 
 def _text(raw: bytes) -> str:

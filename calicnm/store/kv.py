@@ -7,6 +7,11 @@ puts and deletes together.  Compare-and-swap everywhere is built on
 ``store.etcd.EtcdStore`` is the production implementation and
 ``tests/fakes.MemoryStore`` the in-memory one; both keep etcd's revision
 semantics.
+
+Two reads serve a reader that keeps its own copy of a prefix
+(``store.mirror``): ``list_at`` returns the keys with the revision they were
+read at, and ``watch_changes`` streams every later change with its value,
+from a given revision on, or says the history is no longer there.
 """
 
 from __future__ import annotations
@@ -31,6 +36,22 @@ class KV(NamedTuple):
     revision: int
 
 
+class Change(NamedTuple):
+    """One write a watch saw: ``value`` is None for a delete; ``revision`` is
+    the revision the write made."""
+
+    key: str
+    value: str | None
+    revision: int
+
+
+OnChanges = Callable[[list["Change"]], None]
+OnEnd = Callable[[bool], None]
+"""Called once when a change stream ends by itself: True when etcd no longer
+holds the history it was asked to start from (compacted), False when the
+stream broke (the member went away, the store was closed)."""
+
+
 @dataclass
 class Txn:
     """An all-or-nothing change: applied only if every compared key is still
@@ -41,11 +62,15 @@ class Txn:
     deletes: list[str] = field(default_factory=list)
 
 
-class Store(Protocol):
+class Reader(Protocol):
+    """The reads a decoder needs: what ``store.mirror.MirrorView`` offers too."""
+
     def get(self, key: str) -> KV | None: ...
 
     def list(self, prefix: str) -> list[KV]: ...
 
+
+class Store(Reader, Protocol):
     def put(self, key: str, value: str) -> None: ...
 
     def delete(self, key: str) -> bool: ...
@@ -55,6 +80,25 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ChangeSource(Protocol):
+    """A store that can feed a copy of a prefix kept elsewhere."""
+
+    def list_at(self, prefix: str) -> tuple[list[KV], int]:
+        """The keys under ``prefix`` and the store's revision they were read at."""
+        ...
+
+    def watch_changes(
+        self, prefix: str, after: int, on_changes: OnChanges, on_end: OnEnd
+    ) -> Callable[[], None]:
+        """Stream every change under ``prefix`` made after revision ``after``,
+        in revision order, in batches (``on_changes``), until cancelled (the
+        function returned; idempotent) or ended (``on_end``, called once, in
+        any thread, possibly before this returns: a compacted history may be
+        reported either way).  Raises ``DatastoreUnavailable`` if no endpoint
+        starts the stream."""
+        ...
 
 
 def create(store: Store, key: str, value: str) -> bool:

@@ -38,7 +38,7 @@ from calicnm.model import (
 )
 from calicnm.policy import Profile
 from calicnm.store import keys
-from calicnm.store.kv import KV, Store
+from calicnm.store.kv import KV, Reader, Store
 from calicnm.validation import check_hostname, check_utf8
 
 _log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ class Snapshot:
     invalid: dict[str, str] = field(default_factory=dict)
 
 
-def read_snapshot(store: Store) -> Snapshot:
+def read_snapshot(store: Reader) -> Snapshot:
     """The agent's whole input.  Invalid records, and keys of no known shape
     under the prefixes read, are skipped and listed in ``invalid`` (the
     agent logs them, once each)."""

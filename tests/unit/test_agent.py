@@ -256,7 +256,7 @@ def test_an_endpoint_of_a_network_not_named_yet_drops_everything(rig):
 @pytest.fixture
 def running(rig) -> Iterator[tuple[Rig, threading.Thread, threading.Event]]:
     stop = threading.Event()
-    thread = threading.Thread(target=rig.agent.run, args=(stop, rig.store.watch), daemon=True)
+    thread = threading.Thread(target=rig.agent.run, args=(stop, rig.store), daemon=True)
     thread.start()
     yield rig, thread, stop
     stop.set()
@@ -312,3 +312,41 @@ def test_run_repairs_drift_on_its_resync_timer(rig):
         rig.agent.wake()
         thread.join(timeout=2)
     assert not thread.is_alive()
+
+
+def test_changes_arrive_with_their_values_and_drift_repair_reads_nothing(rig):
+    """The agent follows the store's change stream: a change reaches the kernel
+    without any read of the store, resyncs at idle compare the kernel with the kept
+    snapshot (no read either), and a broken stream resumes from its revision
+    without reading the whole store again."""
+    rig.agent = rig.make_agent(resync=0.02)
+    rig.add(EP1, "10.0.0.1")
+    stop = threading.Event()
+    thread = threading.Thread(target=rig.agent.run, args=(stop, rig.store), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: rig.marked() == {EP1} and rig.store.live_watches() == 1)
+        wait_until(lambda: rig.agent.passes >= 3)
+        reads, passes = rig.store.reads, rig.agent.passes
+        want = rig.chains()[FROM_EP]
+        rig.iptables.command(f"-F {FROM_EP}")  # drift: no store change, no event
+        wait_until(lambda: rig.chains()[FROM_EP] == want and rig.agent.passes > passes + 5)
+        assert rig.store.reads == reads
+
+        rig.add(EP2, "10.0.0.2")  # comes with its value: no read
+        wait_until(lambda: rig.marked() == {EP1, EP2})
+        assert rig.store.reads == reads
+        assert rig.agent.full_reads == 1
+
+        rig.store.down = True  # a broken stream: passes read (and fail) meanwhile
+        wait_until(lambda: rig.agent.last_error is not None)
+        rig.store.down = False
+        rig.agent.wake()
+        wait_until(lambda: rig.agent.last_error is None and rig.store.live_watches() == 1)
+        rig.add(EP3, "10.0.0.3")
+        wait_until(lambda: EP3 in rig.marked())
+        assert rig.agent._mirror is not None and rig.agent._mirror.reloads == 1
+    finally:
+        stop.set()
+        rig.agent.wake()
+        thread.join(timeout=2)
