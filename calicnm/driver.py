@@ -63,7 +63,6 @@ from calicnm.endpoint import (
     plan_link,
 )
 from calicnm.errors import (
-    AddressInUse,
     CalicnmError,
     Conflict,
     DataplaneError,
@@ -279,23 +278,7 @@ class Driver:
         exclude: tuple[IPv4Network, ...] = ()
         if ref.subnet is None and address is None:
             exclude = tuple(net for n in self.networks() for net in n.subnets)
-        try:
-            got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
-        except AddressInUse as in_use:
-            # A container restarted at its --ip after a Docker restart during
-            # which the plugin was down: the old endpoint's record is still
-            # there, its veth died with the old container.  Any other holder
-            # (a live endpoint, a reservation) keeps the address.
-            if address is None:
-                raise
-            try:
-                removed = self._remove_dead_holders(address)
-            except Conflict:
-                raise in_use from None
-            if not removed:
-                raise
-            self._ipam.release(address)
-            got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
+        got = self._ipam.assign(ref, handle, address=address, exclude=exclude)
         return {"Address": f"{got}/32", "Data": {}}
 
     def _remove_dead_holders(self, address: IPv4Address) -> int:

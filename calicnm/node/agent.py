@@ -60,7 +60,7 @@ from calicnm.profiles import (
 from calicnm.routing.encap import tunnel_routes
 from calicnm.store import keys
 from calicnm.store.identity import DatastoreGuard
-from calicnm.store.kv import ChangeSource, Store
+from calicnm.store.kv import ChangeSource, Reader, Store
 from calicnm.store.mirror import PrefixMirror
 from calicnm.store.records import Snapshot, read_snapshot
 
@@ -234,6 +234,15 @@ class Agent:
         self._snapshot, self._snapshot_events = snapshot, events
         return snapshot
 
+    def datastore_reader(self) -> Reader:
+        """What another reader on this host (the ownership collector) can read
+        the datastore through: the in-memory copy, frozen, while its stream
+        runs; else the store itself."""
+        mirror = self._mirror
+        if self._watch_ok and mirror is not None and mirror.fresh:
+            return mirror.view()
+        return self._store
+
     @property
     def full_reads(self) -> int:
         """Whole reads of the datastore: the copy's loads plus passes without it."""
@@ -365,6 +374,7 @@ class Agent:
             self._wake.wait(max(0.0, deadline - time.monotonic()))
         if self._mirror is not None:
             self._mirror.stop()
+        self._watch_ok = False  # a later run starts the stream again
 
     # ---- health -----------------------------------------------------------------
 

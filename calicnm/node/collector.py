@@ -42,7 +42,7 @@ from calicnm.ownership import (
     networks_to_ask,
 )
 from calicnm.store import keys, records
-from calicnm.store.kv import Store, delete_if
+from calicnm.store.kv import Reader, Store, delete_if
 
 _log = logging.getLogger(__name__)
 
@@ -101,11 +101,18 @@ class OwnershipCollector:
         guard: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         busy: Callable[[], frozenset[str]] = frozenset,
+        reader: Callable[[], Reader] | None = None,
     ) -> None:
         """``busy()`` names the ids Docker calls on this host are working on
         (``host.markers.InFlight.active``); they are never findings, and are
-        asked again right before each repair."""
+        asked again right before each repair.  ``reader()`` gives what a sweep
+        reads the datastore through: the agent's in-memory copy while it is
+        current (so a sweep costs etcd no read of the cluster), else the
+        store.  A copy a moment behind etcd is safe: a finding must be seen
+        twice, and every repair re-reads its key or compares its revision in
+        etcd itself."""
         self._store = store
+        self._reader = reader or (lambda: store)
         self._host = host
         self._links = links
         self._docker = docker
@@ -120,7 +127,8 @@ class OwnershipCollector:
         Docker, so a call in flight shows as a finding that grace holds)."""
         if self._guard is not None:
             self._guard()
-        registered = {h.name for h in records.hosts(self._store)}
+        source = self._reader()
+        registered = {h.name for h in records.hosts(source)}
         if self._host not in registered:
             raise InvalidRequest(
                 f"host {self._host} is not registered in this datastore; check "
@@ -128,22 +136,22 @@ class OwnershipCollector:
             )
         mine: list[tuple[Endpoint, int]] = []
         claimed = set()
-        for parts, kv in records.endpoint_kvs(self._store, self._host):
+        for parts, kv in records.endpoint_kvs(source, self._host):
             claimed.add(host_ifname(parts.name))
             try:
                 mine.append((records.decode_endpoint(kv), kv.revision))
             except InvalidRequest:
                 continue  # the agent reports it; its link stays claimed
-        everyone = records.endpoints(self._store)
+        everyone = records.endpoints(source)
         named: dict[IPv4Address, list[str]] = {}
         for ep in everyone:
             for ip in ep.ipv4:
                 named.setdefault(ip, []).append(ep.id)
-        network_ids = frozenset(records.networks(self._store))
+        network_ids = frozenset(records.networks(source))
         now = self._clock()
         held: list[Held] = []
         holders = {}
-        for block in records.blocks(self._store):
+        for block in records.blocks(source):
             looked_after = block.affinity in (self._host, None) or block.affinity not in registered
             for ordinal, allocation in sorted(block.allocations.items()):
                 address = block.address(ordinal)

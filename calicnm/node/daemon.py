@@ -334,6 +334,7 @@ class Node:
             pending_max_age=config.pending_max_age_seconds,
             guard=DatastoreGuard(store, cluster_id, ttl=0.0).check,
             busy=InFlight(config.in_flight_dir).active,
+            reader=self._agent.datastore_reader,
         )
         self._collector_thread = threading.Thread(
             target=self._collect, name="collector", daemon=True

@@ -178,13 +178,13 @@ def decode_host_network_state(kv: KV) -> HostNetworkState:
     )
 
 
-def cluster_networks(store: Store) -> dict[str, ClusterNetwork]:
+def cluster_networks(store: Reader) -> dict[str, ClusterNetwork]:
     """Every cluster network definition, by name (invalid ones left out)."""
     found = _valid(store.list(keys.CLUSTER_NETWORKS), decode_cluster_network)
     return {n.name: n for n in found}
 
 
-def host_network_states(store: Store, host: str | None = None) -> list[HostNetworkState]:
+def host_network_states(store: Reader, host: str | None = None) -> list[HostNetworkState]:
     """The nodes' reports on cluster networks (of ``host``, or of all)."""
     return _valid(
         (kv for _, kv in _host_scoped(store, HOST_NETWORK_STATE, host)), decode_host_network_state
@@ -261,35 +261,35 @@ def _valid(kvs: Iterable[KV], decode: Callable[[KV], T]) -> list[T]:
     return found
 
 
-def pools(store: Store) -> list[Pool]:
+def pools(store: Reader) -> list[Pool]:
     return _valid(store.list(keys.POOLS), decode_pool)
 
 
-def blocks(store: Store) -> list[Block]:
+def blocks(store: Reader) -> list[Block]:
     return _valid(store.list(keys.BLOCKS), decode_block)
 
 
-def block(store: Store, cidr: IPv4Network) -> Block | None:
+def block(store: Reader, cidr: IPv4Network) -> Block | None:
     kv = store.get(keys.block(cidr))
     return decode_block(kv) if kv else None
 
 
-def networks(store: Store) -> dict[str, Network]:
+def networks(store: Reader) -> dict[str, Network]:
     """Every network record by id."""
     return {n.id: n for n in _valid(store.list(keys.NETWORKS), decode_network)}
 
 
-def network(store: Store, network_id: str) -> Network | None:
+def network(store: Reader, network_id: str) -> Network | None:
     kv = store.get(keys.network(network_id))
     return decode_network(kv) if kv else None
 
 
-def profiles(store: Store) -> list[Profile]:
+def profiles(store: Reader) -> list[Profile]:
     """Every profile, sorted by name."""
     return sorted(_valid(store.list(keys.PROFILES), decode_profile), key=lambda p: p.name)
 
 
-def _host_scoped(store: Store, kind: str, host: str | None) -> Iterator[tuple[KeyParts, KV]]:
+def _host_scoped(store: Reader, kind: str, host: str | None) -> Iterator[tuple[KeyParts, KV]]:
     prefix = keys.host_prefix(host) if host else keys.HOSTS
     for kv in store.list(prefix):
         parts = parse_key(kv.key)
@@ -297,22 +297,22 @@ def _host_scoped(store: Store, kind: str, host: str | None) -> Iterator[tuple[Ke
             yield parts, kv
 
 
-def endpoint_kvs(store: Store, host: str | None = None) -> list[tuple[KeyParts, KV]]:
+def endpoint_kvs(store: Reader, host: str | None = None) -> list[tuple[KeyParts, KV]]:
     """The stored endpoints (of ``host``, or of every host), undecoded."""
     return list(_host_scoped(store, ENDPOINT, host))
 
 
-def endpoints(store: Store, host: str | None = None) -> list[Endpoint]:
+def endpoints(store: Reader, host: str | None = None) -> list[Endpoint]:
     """Every endpoint of ``host``, or of every host."""
     return _valid((kv for _, kv in _host_scoped(store, ENDPOINT, host)), decode_endpoint)
 
 
-def endpoint(store: Store, host: str, endpoint_id: str) -> tuple[KV, Endpoint] | None:
+def endpoint(store: Reader, host: str, endpoint_id: str) -> tuple[KV, Endpoint] | None:
     kv = store.get(keys.endpoint(host, endpoint_id))
     return (kv, decode_endpoint(kv)) if kv else None
 
 
-def hosts(store: Store) -> list[Host]:
+def hosts(store: Reader) -> list[Host]:
     """Every registered host.  Reads the whole ``hosts/`` prefix, endpoints
     included, and keeps the host records: a cost that grows with the
     cluster, so the node calls it only at start and when its address
@@ -320,12 +320,12 @@ def hosts(store: Store) -> list[Host]:
     return _valid((kv for _, kv in _host_scoped(store, HOST, None)), decode_host)
 
 
-def host(store: Store, name: str) -> Host | None:
+def host(store: Reader, name: str) -> Host | None:
     kv = store.get(keys.host_meta(name))
     return decode_host(kv) if kv else None
 
 
-def node_peers(store: Store, host: str | None = None) -> dict[str, list[Peer]]:
+def node_peers(store: Reader, host: str | None = None) -> dict[str, list[Peer]]:
     """Host-specific BGP peers by host."""
     found: dict[str, list[Peer]] = {}
     for parts, kv in _host_scoped(store, NODE_PEER, host):
@@ -334,15 +334,15 @@ def node_peers(store: Store, host: str | None = None) -> dict[str, list[Peer]]:
     return found
 
 
-def global_peers(store: Store) -> list[Peer]:
+def global_peers(store: Reader) -> list[Peer]:
     return _valid(store.list(keys.GLOBAL_PEERS), decode_peer)
 
 
-def bgp_config(store: Store) -> BgpConfig:
+def bgp_config(store: Reader) -> BgpConfig:
     return decode_bgp_config(store.get(keys.BGP_CONFIG))
 
 
-def affinities(store: Store, host: str | None = None) -> dict[str, list[IPv4Network]]:
+def affinities(store: Reader, host: str | None = None) -> dict[str, list[IPv4Network]]:
     """Blocks by the host that holds affinity for them."""
     prefix = keys.affinity_prefix(host) if host else keys.AFFINITY
     found: dict[str, list[IPv4Network]] = {}
@@ -351,7 +351,7 @@ def affinities(store: Store, host: str | None = None) -> dict[str, list[IPv4Netw
     return found
 
 
-def host_counts(store: Store) -> dict[str, int]:
+def host_counts(store: Reader) -> dict[str, int]:
     """Endpoints per host, counted from keys alone (nothing decoded)."""
     counts: dict[str, int] = {}
     for parts, _kv in _host_scoped(store, ENDPOINT, None):

@@ -63,17 +63,35 @@ def networks(host: CalicnmHost) -> dict[str, str]:
     return dict(row.split() for row in rows)
 
 
-def restart_docker(host: CalicnmHost, web: str, ip: str, client: CalicnmHost) -> None:
+def running(host: CalicnmHost, name: str) -> bool:
+    return host.docker("inspect", "-f", "{{.State.Running}}", name) == "true"
+
+
+def restart_docker(
+    host: CalicnmHost, web: str, ip: str, client: CalicnmHost, node_container: bool = False
+) -> None:
     """``systemctl restart docker`` on ``host``: its node (container or managed plugin)
-    answers again, Docker restarts ``web`` at its ``--ip``, and ``client`` reaches it."""
+    answers again, ``web`` runs again at its ``--ip``, and ``client`` reaches it.
+
+    The managed plugin outlives Docker's containers, so Docker restarts ``web`` itself.
+    The node container stops with them: Docker's cleanup of ``web``'s old endpoint may
+    find no plugin, and the old endpoint then holds the address until the node's
+    ownership collector removes it, so Docker may give up on ``web``.  README says so,
+    and says that ``docker start`` then brings it back; that is what happens here."""
     host.dockerd.stop_daemon()
     host.dockerd.start_daemon()
     wait_until(host.answering, 90, f"{host.hostname}'s node back")
-    wait_until(
-        lambda: host.docker("inspect", "-f", "{{.State.Running}}", web) == "true",
-        90,
-        f"{web} restarted by dockerd",
-    )
+    if node_container:
+
+        def started() -> bool:
+            if running(host, web):
+                return True
+            host.docker_run("start", web)
+            return running(host, web)
+
+        wait_until(started, 90, f"{web} running again", interval=3)
+    else:
+        wait_until(lambda: running(host, web), 90, f"{web} restarted by dockerd")
     assert host.ip_of(web, "dataman") == ip
     wait_until(lambda: http_ok(client, "dataman", ip), 60, f"{web} reachable again")
 
@@ -123,7 +141,7 @@ def test_walkthrough_three_hosts(build: NodeBuild, fabric: Fabric, tmp_path: Pat
 
         # systemctl restart docker on host2: the node container (restart always) and
         # web2 come back, web2 at its --ip (without --ip, Docker keeps no address).
-        restart_docker(host2, "web2", ip2, client=host1)
+        restart_docker(host2, "web2", ip2, client=host1, node_container=True)
 
         for host in hosts:
             assert isinstance(host, ContainerNodeHost)

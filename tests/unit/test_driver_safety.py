@@ -185,21 +185,7 @@ def test_release_address_finishes_an_interrupted_delete_endpoint(rig):
     assert rig.holder(addr) is None
 
 
-def test_a_requested_address_held_by_a_dead_endpoint_is_taken_back(rig):
-    """Docker restarted while the plugin was down: the old container's
-    DeleteEndpoint and ReleaseAddress never arrived, its veth died with it.
-    The container restarting at its --ip gets the address again."""
-    rig.network()
-    addr = rig.request()
-    rig.create(addr)
-    rig.plumbing.links.clear()  # the old container's namespace, and veth, are gone
-    assert rig.request(addr) == addr
-    assert rig.endpoint_keys() == []
-    assert rig.create(addr, eid=EID2)[0] == 200
-    assert rig.holder(addr) == (EID2, "endpoint")
-
-
-def test_a_requested_address_held_by_a_live_endpoint_is_still_refused(rig):
+def test_a_requested_address_held_by_an_endpoint_is_refused_as_in_use(rig):
     rig.network()
     addr = rig.request()
     rig.create(addr)

@@ -19,6 +19,7 @@ from calicnm.model import Host, Pool
 from calicnm.node.collector import OwnershipCollector
 from calicnm.ownership import Grace
 from calicnm.store import keys, records
+from calicnm.store.mirror import PrefixMirror
 from tests.fakes import FakeDocker, FakePlumbing, MemoryStore
 
 NID = "6f49939a5d861b88bab9633a90df9206d74f387e13a58e07639c41910427ffb7"
@@ -308,3 +309,23 @@ def test_in_flight_markers_last_the_call_and_expire_after_a_crash(tmp_path):
     now[0] += IN_FLIGHT_MAX_SECONDS + 1
     assert markers.active() == frozenset()
     assert not (tmp_path / "in-flight" / EID).exists()
+
+
+def test_a_sweep_through_the_agents_copy_reads_no_cluster_and_still_repairs(h):
+    """With the in-memory copy as its reader, observing reads nothing from etcd; a
+    stale record is still found and taken apart, with its repair checked in etcd."""
+    mirror = PrefixMirror(h.store, keys.ROOT + "/")
+    mirror.start()
+    h.collector = OwnershipCollector(
+        h.store, "h1", h.plumbing, h.docker, MAX_AGE, clock=h.clock, reader=mirror.view
+    )
+    h.run()
+    reads = h.store.reads
+    assert h.kinds() == []
+    assert h.store.reads == reads
+    h.plumbing.destroy_sandboxes()
+    h.docker.networks[NID].clear()  # the container is gone, Docker says so
+    assert [f.kind for f in h.sweeps()] == [ownership.STALE_RECORD]
+    assert records.endpoints(h.store, "h1") == []
+    assert mirror.view().list(keys.ROOT + "/") == h.store.list(keys.ROOT + "/")
+    mirror.stop()
