@@ -129,7 +129,9 @@ class MemoryStore:
         told it is compacted.  Like etcd, a delete made at ``revision`` itself
         is forgotten too, while a stream may still start there."""
         with self._lock:
-            self._compacted = self._revision if revision is None else revision
+            # As etcd, which refuses a compaction older than the last one.
+            wanted = self._revision if revision is None else revision
+            self._compacted = max(self._compacted, wanted)
             self._history = [
                 c
                 for c in self._history
