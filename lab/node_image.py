@@ -97,6 +97,19 @@ class _DockerStartedHost(CalicnmHost):
     (their plugin calls need the node), then the node (:meth:`stop_node`), then stops
     dockerd."""
 
+    def __init__(
+        self,
+        netns: Netns,
+        address: str,
+        workdir: Path,
+        hostname: str,
+        etcd_endpoints: str,
+        *,
+        build: NodeBuild,
+    ) -> None:
+        super().__init__(netns, address, workdir, hostname, etcd_endpoints)
+        self.build = build
+
     def prepare_node(self) -> None:
         """What the node needs on this host before :meth:`start_node`."""
 
@@ -136,19 +149,9 @@ class ContainerNodeHost(_DockerStartedHost):
 
     The settings file is written, and the image loaded, once dockerd runs."""
 
-    def __init__(
-        self,
-        netns: Netns,
-        address: str,
-        workdir: Path,
-        hostname: str,
-        etcd_endpoints: str,
-        *,
-        image_tar: Path,
-    ) -> None:
-        super().__init__(netns, address, workdir, hostname, etcd_endpoints)
-        self.image_tar = image_tar
-        self.config_file = self.workdir / "calicnm.env"
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "calicnm.env"
 
     def env(self) -> dict[str, str]:
         """The CLI's environment: only the settings file, as an operator's shell has."""
@@ -183,7 +186,7 @@ class ContainerNodeHost(_DockerStartedHost):
 
     def prepare_node(self) -> None:
         self.write_config()
-        self.dockerd.docker("load", "-i", str(self.image_tar), timeout=300)
+        self.dockerd.docker("load", "-i", str(self.build.image_tar), timeout=300)
 
 
 def managed_socket(docker: DockerHost) -> Path | None:
@@ -210,20 +213,11 @@ class ManagedPluginHost(_DockerStartedHost):
 
     Stopping the node disables and removes the plugin."""
 
-    def __init__(
-        self,
-        netns: Netns,
-        address: str,
-        workdir: Path,
-        hostname: str,
-        etcd_endpoints: str,
-        *,
-        plugin_dir: Path,
-    ) -> None:
-        super().__init__(netns, address, workdir, hostname, etcd_endpoints)
-        self.plugin_dir = plugin_dir
-        self.config_dir = workdir / "etc-calicnm"
-        self._created = False
+    _created = False
+
+    @property
+    def config_dir(self) -> Path:
+        return self.workdir / "etc-calicnm"
 
     @property
     def socket(self) -> Path:
@@ -249,7 +243,7 @@ class ManagedPluginHost(_DockerStartedHost):
         """``docker plugin create``, ``set`` and ``enable``; wait for the socket."""
         for path in (self.state_dir, self.config_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.dockerd.docker("plugin", "create", PLUGIN, str(self.plugin_dir), timeout=300)
+        self.dockerd.docker("plugin", "create", PLUGIN, str(self.build.plugin_dir), timeout=300)
         self._created = True
         settings = {
             k: v

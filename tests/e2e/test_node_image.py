@@ -107,7 +107,7 @@ def test_walkthrough_three_hosts(build: NodeBuild, fabric: Fabric, tmp_path: Pat
                 tmp_path / f"host{i}",
                 f"host{i}",
                 FABRIC_ETCD_URL,
-                image_tar=build.image_tar,
+                build=build,
             )
             hosts.append(stack.enter_context(host))
         host1, host2, host3 = hosts
@@ -156,7 +156,7 @@ def test_walkthrough_three_hosts(build: NodeBuild, fabric: Fabric, tmp_path: Pat
 def test_managed_plugin(build: NodeBuild, fabric: Fabric, tmp_path: Path) -> None:
     att = fabric.add_host()
     with ManagedPluginHost(
-        att.host, att.address, tmp_path / "mp1", "mp1", FABRIC_ETCD_URL, plugin_dir=build.plugin_dir
+        att.host, att.address, tmp_path / "mp1", "mp1", FABRIC_ETCD_URL, build=build
     ) as host:
         plugins = host.docker("plugin", "ls", "--format", "{{.Name}} {{.Enabled}}")
         assert plugins.splitlines() == [f"{PLUGIN_DRIVER} true"]
