@@ -47,7 +47,8 @@ destination is outside every pool.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from calicnm.model import VXLAN_DEVICE, VXLAN_PORT, IPv4Network, Pool
@@ -195,6 +196,19 @@ class CompiledPolicy:
         return sum(len(rules) for chains in self.tables().values() for rules in chains.values())
 
 
+class CompileCache:
+    """What ``compile_policy`` compiled before, for a caller that compiles
+    again and again (the agent): each profile's chains, kept while the profile
+    is the same object, and each endpoint's chains, kept while the endpoint
+    is equal.  A compile with a cache gives exactly what one without gives;
+    it only skips recomputing the parts that cannot have changed.  Holds only
+    what the last compile used."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[tuple[str, str], tuple[Profile, tuple[str, ...], tuple[str, ...]]] = {}
+        self.endpoints: dict[tuple[LocalEndpoint, str], tuple[str, ...]] = {}
+
+
 def tag_members(
     profiles: dict[str, Profile], endpoints: Iterable[tuple[tuple[str, ...], tuple[str, ...]]]
 ) -> dict[str, set[str]]:
@@ -209,11 +223,12 @@ def tag_members(
 
 
 def compile_policy(
-    profiles: dict[str, Profile | None],
+    profiles: Mapping[str, Profile | None],
     endpoints: list[LocalEndpoint],
-    members: dict[str, set[str]],
+    members: Mapping[str, AbstractSet[str]],
     pools: Sequence[Pool] = (),
     facts: HostFacts | None = None,
+    cache: CompileCache | None = None,
 ) -> CompiledPolicy:
     """The whole desired filter- and nat-table state for this host.
 
@@ -222,8 +237,13 @@ def compile_policy(
     local endpoints, and tags their rules mention, are materialised.
     ``pools`` are every pool; nat-outgoing is programmed while one has it.
     ``facts`` says how the host itself is protected (see ``HostFacts``).
+    ``cache`` (see ``CompileCache``) saves recompiling unchanged parts;
+    ``members`` given as frozen sets are then handed on as the same objects.
     """
     facts = facts or HostFacts()
+    cache = cache or CompileCache()
+    endpoint_cache: dict[tuple[LocalEndpoint, str], tuple[str, ...]] = {}
+    profile_cache: dict[tuple[str, str], tuple[Profile, tuple[str, ...], tuple[str, ...]]] = {}
     forward: list[str] = []
     inputs: list[str] = []
     ipsets: dict[str, frozenset[str]] = {}
@@ -272,7 +292,9 @@ def compile_policy(
     for ep in ordered:
         used.update(ep.profiles)
         for direction in ("inbound", "outbound"):
-            chains[endpoint_chain(ep.interface, direction)] = _endpoint_rules(ep, direction)
+            own = cache.endpoints.get((ep, direction)) or _endpoint_rules(ep, direction)
+            endpoint_cache[ep, direction] = own
+            chains[endpoint_chain(ep.interface, direction)] = own
     chains.update(_dispatch(FROM_EP, "-i", ordered, "outbound"))
     chains.update(_dispatch(TO_EP, "-o", ordered, "inbound"))
 
@@ -284,12 +306,19 @@ def compile_policy(
             if profile is None:
                 chains[chain] = ('-m comment --comment "profile unreadable or missing" -j DROP',)
                 continue
-            rules: list[str] = []
-            for rule in profile.rules(direction):
-                for tag in _tags_of(rule):
-                    tag_sets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
-                rules.extend(rule_bodies(rule))
-            chains[chain] = tuple(rules)
+            known = cache.profiles.get((name, direction))
+            if known is None or known[0] is not profile:
+                rules: list[str] = []
+                tags: list[str] = []
+                for rule in profile.rules(direction):
+                    tags.extend(_tags_of(rule))
+                    rules.extend(rule_bodies(rule))
+                known = (profile, tuple(rules), tuple(tags))
+            profile_cache[name, direction] = known
+            chains[chain] = known[1]
+            for tag in known[2]:
+                tag_sets[tag_ipset(tag)] = frozenset(members.get(tag, ()))
+    cache.endpoints, cache.profiles = endpoint_cache, profile_cache
     ipsets.update(tag_sets)
     types.update(dict.fromkeys(tag_sets, HASH_IP))
     nat_chains: dict[str, tuple[str, ...]] = {}

@@ -1,23 +1,31 @@
 """The per-host agent (Calico's Felix role): keep the kernel equal to etcd.
 
-Level-triggered: each pass compiles the whole desired state (profiles,
-networks, endpoints of every host) from a snapshot of the datastore and
-applies the difference to the kernel; it never acts on an event's content,
-only on the fact that something changed.  So a lost watch event, a restart
-or a crash mid-apply cannot leave the host wrong for longer than one pass.
+Level-triggered in what it guarantees: each pass compiles the whole desired
+state of this host (its endpoints' chains, the tag ipsets and top chains
+they need, routes, BIRD's configuration) from the agent's model of the
+datastore and applies the difference to the kernel, so a lost event, a
+restart or a crash mid-apply cannot leave the host wrong for longer than
+one pass.  Incremental in what it costs: the model (``agent_index.AgentIndex``)
+is kept by deltas, so a change anywhere in the cluster costs each host the
+decoding of that one record, the re-count of the tags it touches and the
+recompilation of this host's chains whose inputs changed
+(``profiles.CompileCache``); the applier then writes only what differs.
 
-The snapshot comes from a copy of the datastore kept in memory
+The deltas come from a copy of the datastore kept in memory
 (``store.mirror.PrefixMirror``): read whole once, then kept current by
-etcd's change stream, whose events carry each change's key and value.  A
-change therefore costs each agent one event, not a read of the cluster.
-The copy is read whole again only at start, when the stream's history has
-been compacted away (a stream that merely broke resumes from its revision),
-and the snapshot is decoded from it again only after the stream reported
-something: the periodic drift repair compiles the kept snapshot and costs
-etcd nothing.  While there is no stream (etcd down, or a store without one)
-every pass reads the datastore itself.  Passes run when the stream reports
-a change, at least every ``resync`` seconds as a full resync that also
-repairs drift, and every second while the stream is down.  Twice a second the agent also checks,
+etcd's change stream, whose events carry each change's key and value.  The
+copy is read whole again only at start and when the stream's history has
+been compacted away (a stream that merely broke resumes from its
+revision); the model then takes the whole copy again, decoding only the
+records whose values changed.  While there is no stream (etcd down, or a
+store without one) every pass reads the datastore itself.  The periodic
+drift repair compares the kernel with the model and reads nothing; it
+also checks the model's derived indexes against a computation from
+scratch and rebuilds them, logging an error, if they ever differ.
+
+Passes run when the stream reports a change, at least every ``resync``
+seconds as a full resync that also repairs drift, and every second while
+the stream is down.  Twice a second the agent also checks,
 cheaply, that its jumps are still rule 1 of FORWARD, INPUT, POSTROUTING and
 dockerd's DOCKER-USER and that its chains still hold rules; if anything
 moved (an outside ``iptables -F``, a dockerd restart) a full pass follows at
@@ -47,22 +55,23 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from calicnm.agent_index import AgentIndex
 from calicnm.errors import CalicnmError, DatastoreUnavailable
 from calicnm.host.markers import AgentStatus, Markers, StatusFile
-from calicnm.model import Network, effective_profiles
+from calicnm.model import Network
 from calicnm.profiles import (
+    CompileCache,
     CompiledPolicy,
     HostFacts,
     LocalEndpoint,
     compile_policy,
-    tag_members,
 )
 from calicnm.routing.encap import tunnel_routes
 from calicnm.store import keys
 from calicnm.store.identity import DatastoreGuard
 from calicnm.store.kv import ChangeSource, Reader, Store
 from calicnm.store.mirror import PrefixMirror
-from calicnm.store.records import Snapshot, read_snapshot
+from calicnm.store.records import Snapshot, agent_kvs
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,14 +134,12 @@ class Agent:
         self._busy_since: float | None = None
         self._invalid: dict[str, str] = {}
         self._guard = guard
-        # What the watch has reported (changes, breaks, a new watch), and the
-        # snapshot read after the last of them: while the watch is up and
-        # reports nothing, a pass (the periodic drift repair included)
-        # compiles that snapshot again instead of re-reading etcd.
-        self._events = 0
-        self._events_lock = threading.Lock()
-        self._snapshot: Snapshot | None = None
-        self._snapshot_events = -1
+        # The datastore decoded and indexed, kept by the stream's deltas; and
+        # whether it was last filled from etcd itself (the copy then hands
+        # over all it holds once it is current again).
+        self._index = AgentIndex()
+        self._index_from_store = True
+        self._compile_cache = CompileCache()
         self._mirror: PrefixMirror | None = None
         self.reads = 0
         """Passes that read the datastore itself (no change stream running)."""
@@ -161,7 +168,12 @@ class Agent:
         # the read: an empty or foreign etcd is never taken as the truth.
         if self._guard is not None:
             self._guard.check()
-        snapshot = self._current_snapshot()
+        self._refresh_index()
+        index = self._index
+        if full and not index.consistent():
+            _log.error("the agent's indexes differ from a full computation; rebuilding them")
+            index.rebuild()
+        snapshot = index.snapshot()
         self._note_invalid(snapshot.invalid)
         waiting = False
         for hook in self._hooks:
@@ -172,21 +184,13 @@ class Agent:
             except CalicnmError as exc:
                 _log.warning("agent hook %s failed: %s", getattr(hook, "__name__", hook), exc)
                 waiting = True
-        local = [e for e in snapshot.endpoints if e.host == self._host]
-        every = [
-            (
-                effective_profiles(e, snapshot.networks.get(e.network_id)),
-                tuple(str(ip) for ip in e.ipv4),
-            )
-            for e in snapshot.endpoints
-        ]
-        members = tag_members({n: p for n, p in snapshot.profiles.items() if p}, every)
+        local = snapshot.endpoints_of(self._host)
         compiled = [
             LocalEndpoint(
                 id=e.id,
                 interface=e.interface,
                 ips=tuple(str(ip) for ip in e.ipv4),
-                profiles=effective_profiles(e, snapshot.networks.get(e.network_id)),
+                profiles=index.effective(e),
                 internal=_internal(snapshot.networks.get(e.network_id)),
             )
             for e in local
@@ -194,7 +198,11 @@ class Agent:
         used = {name for ep in compiled for name in ep.profiles}
         profiles = {name: snapshot.profiles.get(name) for name in used}
         facts = host_facts(snapshot, self._host, self._endpoint_to_host)
-        desired = compile_policy(profiles, compiled, members, snapshot.pools, facts)
+        if full:
+            self._compile_cache = CompileCache()  # a full pass compiles everything anew
+        desired = compile_policy(
+            profiles, compiled, index.members(), snapshot.pools, facts, self._compile_cache
+        )
         self._applier.apply(desired, full=full)
 
         programmed = set()
@@ -211,28 +219,28 @@ class Agent:
         self.passes += 1
         return waiting
 
-    def _current_snapshot(self) -> Snapshot:
-        """The datastore as of the last stream report: the kept snapshot when
-        the stream runs and has reported nothing since; else decoded from the
-        in-memory copy when it is current, or read from etcd when it is not
-        (checked against the datastore guard once more after the read).  A
-        report that arrives meanwhile leaves the counter ahead of the
-        snapshot, so the next pass takes a newer one."""
-        with self._events_lock:
-            events = self._events
+    def _refresh_index(self) -> None:
+        """Bring the index up to the datastore as of the last stream report:
+        the copy's changes since the last pass while the stream runs (none at
+        all for a drift repair with nothing new), or the whole copy after the
+        index was last filled from etcd; a read of etcd itself while the copy
+        is not current (checked against the datastore guard once more after
+        the read).  A report that arrives meanwhile wakes the next pass."""
         mirror = self._mirror
-        fresh = self._watch_ok and mirror is not None and mirror.fresh
-        if fresh and self._snapshot is not None and self._snapshot_events == events:
-            return self._snapshot
-        if fresh and mirror is not None:
-            snapshot = read_snapshot(mirror.view())
-        else:
-            snapshot = read_snapshot(self._store)
-            if self._guard is not None:
-                self._guard.check()
-            self.reads += 1
-        self._snapshot, self._snapshot_events = snapshot, events
-        return snapshot
+        if self._watch_ok and mirror is not None and mirror.fresh:
+            delta = mirror.take_delta(whole=self._index_from_store)
+            if delta.reset:
+                self._index.reset(kv for kv in delta.changes.values() if kv is not None)
+            else:
+                self._index.apply(delta.changes)
+            self._index_from_store = False
+            return
+        kvs = agent_kvs(self._store)
+        if self._guard is not None:
+            self._guard.check()
+        self._index.reset(kvs)
+        self._index_from_store = True
+        self.reads += 1
 
     def datastore_reader(self) -> Reader:
         """What another reader on this host (the ownership collector) can read
@@ -248,9 +256,10 @@ class Agent:
         """Whole reads of the datastore: the copy's loads plus passes without it."""
         return self.reads + (self._mirror.reloads if self._mirror is not None else 0)
 
-    def _count_event(self) -> None:
-        with self._events_lock:
-            self._events += 1
+    @property
+    def decoded(self) -> int:
+        """Records decoded so far: what deltas, resets and reads cost."""
+        return self._index.decoded
 
     def first_pass(self) -> None:
         """One full pass before the node serves Docker; recorded in the status
@@ -270,26 +279,28 @@ class Agent:
         mirror = self._mirror
         if mirror is not None and not mirror.fresh:
             self._watch_ok = False
-        self._count_event()
         self._wake.set()
 
-    def _ensure_stream(self, changes: ChangeSource | None) -> None:
+    def follow(self, changes: ChangeSource | None) -> bool:
         """Keep the in-memory copy current: start it, or resume or reload it
-        after its stream ended.  On failure the pass reads etcd itself and
-        the next loop tries again."""
-        if changes is None or self._watch_ok:
-            return
+        after its stream ended (``run`` calls this before each pass).  False
+        when it cannot: passes then read etcd themselves, and the next call
+        tries again."""
+        if changes is None:
+            return False
+        if self._watch_ok:
+            return True
         if self._mirror is None:
             self._mirror = PrefixMirror(changes, keys.ROOT + "/", self._mirror_changed)
         try:
             self._mirror.start()
         except CalicnmError as exc:
             _log.warning("cannot follow etcd's changes (%s); polling until it answers", exc)
-            return
+            return False
         self._watch_ok = True
-        self._count_event()
         self._wake.set()
         _log.info("following etcd's changes from revision %d", self._mirror.revision)
+        return True
 
     def run(self, stop: threading.Event, changes: ChangeSource | None = None) -> None:
         """Passes until ``stop`` is set.  Never raises: every failure is
@@ -301,7 +312,7 @@ class Agent:
         moved = 0  # checks in a row that found the jumps out of place
         reported: str | None = None
         while not stop.is_set():
-            self._ensure_stream(changes)
+            self.follow(changes)
             now = time.monotonic()
             if now >= next_check:
                 # First, whatever else is due: a stream of passes (every etcd

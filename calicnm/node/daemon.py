@@ -284,7 +284,7 @@ class Node:
         hooks: list[Callable[[Snapshot], bool]] = [
             lambda snap: namer.tick(
                 list(snap.networks.values()),
-                {ep.network_id for ep in snap.endpoints if ep.host == config.hostname},
+                {ep.network_id for ep in snap.endpoints_of(config.hostname)},
             )
         ]
         hooks.append(EncapSync(config.hostname, os.path.join(config.state_dir, "problems")))

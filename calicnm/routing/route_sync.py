@@ -39,8 +39,7 @@ def bird_input(snapshot: Snapshot, host: str, log_path: str | None = None) -> Bi
     )
     borrowed = sorted(
         ip
-        for ep in snapshot.endpoints
-        if ep.host == host
+        for ep in snapshot.endpoints_of(host)
         for ip in ep.ipv4
         if not any(ip in b for b in blocks) and any(ip in p.cidr for p in pools)
     )

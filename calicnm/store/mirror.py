@@ -21,6 +21,10 @@ Invariants:
 - ``fresh`` is False from the moment a stream ends until the next
   ``resume`` or ``reload`` succeeds: a reader that needs the current
   datastore then reads it itself.
+- ``take_delta`` hands one consumer what changed since its last call: each
+  changed key's latest value (None once deleted), or, after a reload or
+  when asked, the whole copy.  Applying every delta in turn to a model of
+  the prefix keeps that model equal to the copy.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from calicnm.errors import DatastoreUnavailable
 from calicnm.store.kv import KV, Change, ChangeSource
@@ -48,6 +53,16 @@ class MirrorView:
         return [kv for key, kv in sorted(self._items.items()) if key.startswith(prefix)]
 
 
+@dataclass(frozen=True)
+class MirrorDelta:
+    """What changed in the copy since the last ``take_delta``.  ``reset``: the
+    consumer must drop what it holds and take ``changes`` (then the whole
+    copy) as everything there is."""
+
+    reset: bool
+    changes: dict[str, KV | None]
+
+
 class PrefixMirror:
     """The keys under ``prefix`` of ``source``, kept current (see the module
     docstring).  ``on_change()`` is called (in the stream's thread) after each
@@ -66,6 +81,8 @@ class PrefixMirror:
         self._live = False
         self._compacted = False
         self._cancel: Callable[[], None] | None = None
+        self._pending: dict[str, KV | None] = {}
+        self._reset = True
         self.reloads = 0
         """Full reads of the prefix so far."""
 
@@ -83,6 +100,18 @@ class PrefixMirror:
         """The copy as it is now, frozen."""
         with self._lock:
             return MirrorView(dict(self._items))
+
+    def take_delta(self, whole: bool = False) -> MirrorDelta:
+        """The changes since the last call (``whole``: the whole copy, as a
+        reset), and start collecting anew.  For one consumer only."""
+        with self._lock:
+            if whole or self._reset:
+                delta = MirrorDelta(True, dict(self._items))
+            else:
+                delta = MirrorDelta(False, self._pending)
+            self._pending = {}
+            self._reset = False
+        return delta
 
     def start(self) -> None:
         """Make the copy current: resume the stream where the copy stopped if
@@ -105,6 +134,8 @@ class PrefixMirror:
             kvs, revision = self._source.list_at(self._prefix)
             with self._lock:
                 self._items = {kv.key: kv for kv in kvs}
+                self._pending = {}
+                self._reset = True
                 self._revision = revision
                 self._loaded = True
                 self.reloads += 1
@@ -158,8 +189,11 @@ class PrefixMirror:
                     continue
                 if change.value is None:
                     self._items.pop(change.key, None)
+                    self._pending[change.key] = None
                 else:
-                    self._items[change.key] = KV(change.key, change.value, change.revision)
+                    kv = KV(change.key, change.value, change.revision)
+                    self._items[change.key] = kv
+                    self._pending[change.key] = kv
                 self._revision = change.revision
         self._on_change()
 

@@ -382,13 +382,86 @@ def scan(
 # ---- the agent's view ------------------------------------------------------------
 
 
+AGENT_PREFIXES = (
+    (keys.PROFILES, PROFILE),
+    (keys.NETWORKS, NETWORK),
+    (keys.HOSTS, HOST),
+    (keys.POOLS, POOL),
+    (keys.AFFINITY, AFFINITY),
+    (keys.GLOBAL_PEERS, GLOBAL_PEER),
+)
+"""The listings the agent's input is read from (with the BGP settings key),
+and the kind each one holds; under ``keys.HOSTS`` the key says which of host,
+endpoint or node peer."""
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One key of the agent's input, classified and decoded (``agent_record``).
+
+    ``kind`` is one of PROFILE, NETWORK, HOST, ENDPOINT, NODE_PEER, POOL,
+    AFFINITY, GLOBAL_PEER, BGP_CONFIG.  ``value`` is the decoded record
+    (for AFFINITY the (host, block) pair), or None when it did not validate;
+    ``error`` then says why.  ``name`` is what the key names (a profile's
+    name, a peer's host...), empty when the key itself is malformed.
+    """
+
+    key: str
+    kind: str
+    value: object
+    error: str | None = None
+    name: str = ""
+    host: str = ""
+
+
+_DECODERS: dict[str, Callable[[KV], object]] = {
+    PROFILE: decode_profile,
+    NETWORK: decode_network,
+    HOST: decode_host,
+    ENDPOINT: decode_endpoint,
+    NODE_PEER: decode_peer,
+    POOL: decode_pool,
+    AFFINITY: decode_affinity,
+    GLOBAL_PEER: decode_peer,
+    BGP_CONFIG: decode_bgp_config,
+}
+
+
+def agent_record(kv: KV) -> AgentRecord | None:
+    """``kv`` as part of the agent's input, or None when it is not part of it
+    (another kind, or a cluster network's per-host state).  Never raises: an
+    invalid record comes back with ``value`` None and the reason."""
+    key = kv.key
+    if key == keys.BGP_CONFIG:
+        kind = BGP_CONFIG
+    else:
+        found = next((k for prefix, k in AGENT_PREFIXES if key.startswith(prefix)), None)
+        if found is None:
+            return None
+        kind = found
+    parts = parse_key(key)
+    if kind == HOST:
+        if parts is None:
+            return AgentRecord(key, HOST, None, f"key {key!r} is not a host, endpoint or peer key")
+        if parts.kind not in (HOST, ENDPOINT, NODE_PEER):
+            return None
+        kind = parts.kind
+    name = parts.name if parts is not None and parts.kind == kind else ""
+    host = (parts.host or "") if parts is not None else ""
+    try:
+        return AgentRecord(key, kind, _DECODERS[kind](kv), None, name, host)
+    except CalicnmError as exc:
+        return AgentRecord(key, kind, None, str(exc), name, host)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a host's kernel and BGP state derive from, read in one pass.
 
     ``profiles`` maps a name to None when its record exists but is invalid
     (its chains then drop everything); ``invalid`` lists every record that
-    was skipped, with the reason.
+    was skipped, with the reason.  The order of ``endpoints`` is not
+    significant; ``endpoints_of`` gives one host's endpoints.
     """
 
     profiles: dict[str, Profile | None]
@@ -401,59 +474,66 @@ class Snapshot:
     global_peers: list[Peer] = field(default_factory=list)
     node_peers: dict[str, list[Peer]] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)
+    by_host: dict[str, list[Endpoint]] | None = field(default=None, compare=False, repr=False)
+    """Endpoints by host when the producer keeps them so (the agent's index);
+    else ``endpoints_of`` filters ``endpoints``."""
+
+    def endpoints_of(self, host: str) -> list[Endpoint]:
+        if self.by_host is not None:
+            return self.by_host.get(host, [])
+        return [e for e in self.endpoints if e.host == host]
+
+
+def snapshot_of(found: Iterable[AgentRecord]) -> Snapshot:
+    """The snapshot the records make (each key once, in any order)."""
+    invalid: dict[str, str] = {}
+    profiles_: dict[str, Profile | None] = {}
+    networks_: dict[str, Network] = {}
+    endpoints_: list[Endpoint] = []
+    hosts_: list[Host] = []
+    node_peers_: dict[str, list[Peer]] = {}
+    pools_: list[Pool] = []
+    affinity: dict[str, list[IPv4Network]] = {}
+    peers: list[Peer] = []
+    bgp = BgpConfig()
+    for record in found:
+        value = record.value
+        if record.error is not None:
+            invalid[record.key] = record.error
+        if record.kind == PROFILE:
+            if record.name:
+                profiles_[record.name] = value if isinstance(value, Profile) else None
+        elif isinstance(value, Network):
+            networks_[value.id] = value
+        elif isinstance(value, Endpoint):
+            endpoints_.append(value)
+        elif isinstance(value, Host):
+            hosts_.append(value)
+        elif isinstance(value, Peer):
+            if record.kind == NODE_PEER:
+                node_peers_.setdefault(record.host, []).append(value)
+            else:
+                peers.append(value)
+        elif isinstance(value, Pool):
+            pools_.append(value)
+        elif isinstance(value, BgpConfig):
+            bgp = value
+        elif isinstance(value, tuple):
+            affinity.setdefault(value[0], []).append(value[1])
+    return Snapshot(
+        profiles_, networks_, endpoints_, hosts_, pools_, affinity, bgp, peers, node_peers_, invalid
+    )
+
+
+def agent_kvs(store: Reader) -> list[KV]:
+    """Every stored key of the agent's input, read from ``store``."""
+    found = [kv for prefix, _kind in AGENT_PREFIXES for kv in store.list(prefix)]
+    bgp = store.get(keys.BGP_CONFIG)
+    return found + ([bgp] if bgp is not None else [])
 
 
 def read_snapshot(store: Reader) -> Snapshot:
     """The agent's whole input.  Invalid records, and keys of no known shape
     under the prefixes read, are skipped and listed in ``invalid`` (the
     agent logs them, once each)."""
-    invalid: dict[str, str] = {}
-
-    def keep(kv: KV, decode: Callable[[KV], T]) -> T | None:
-        try:
-            return decode(kv)
-        except CalicnmError as exc:
-            invalid[kv.key] = str(exc)
-            return None
-
-    profiles_: dict[str, Profile | None] = {}
-    for kv in store.list(keys.PROFILES):
-        parts = parse_key(kv.key)
-        profile = keep(kv, decode_profile)
-        if parts is not None:
-            profiles_[parts.name] = profile
-    networks_ = {n.id: n for kv in store.list(keys.NETWORKS) if (n := keep(kv, decode_network))}
-    endpoints_: list[Endpoint] = []
-    hosts_: list[Host] = []
-    node_peers_: dict[str, list[Peer]] = {}
-    for kv in store.list(keys.HOSTS):
-        parts = parse_key(kv.key)
-        if parts is None:
-            invalid[kv.key] = f"key {kv.key!r} is not a host, endpoint or peer key"
-            continue
-        if parts.kind == ENDPOINT and (ep := keep(kv, decode_endpoint)) is not None:
-            endpoints_.append(ep)
-        elif parts.kind == HOST and (h := keep(kv, decode_host)) is not None:
-            hosts_.append(h)
-        elif parts.kind == NODE_PEER and (peer := keep(kv, decode_peer)) is not None:
-            node_peers_.setdefault(parts.host or "", []).append(peer)
-    pools_ = [p for kv in store.list(keys.POOLS) if (p := keep(kv, decode_pool))]
-    affinity: dict[str, list[IPv4Network]] = {}
-    for kv in store.list(keys.AFFINITY):
-        if (pair := keep(kv, decode_affinity)) is not None:
-            affinity.setdefault(pair[0], []).append(pair[1])
-    bgp_kv = store.get(keys.BGP_CONFIG)
-    bgp = keep(bgp_kv, decode_bgp_config) if bgp_kv else None
-    peers = [gp for kv in store.list(keys.GLOBAL_PEERS) if (gp := keep(kv, decode_peer))]
-    return Snapshot(
-        profiles_,
-        networks_,
-        endpoints_,
-        hosts_,
-        pools_,
-        affinity,
-        bgp or BgpConfig(),
-        peers,
-        node_peers_,
-        invalid,
-    )
+    return snapshot_of(r for kv in agent_kvs(store) if (r := agent_record(kv)) is not None)

@@ -49,6 +49,7 @@ CORE_MODULES = {
 
 PURE = CORE_MODULES | {
     "calicnm.ipam",
+    "calicnm.agent_index",
     "calicnm.store.keys",
     "calicnm.store.kv",
     "calicnm.store.records",
@@ -69,6 +70,7 @@ LAYERS: dict[str, int] = {
     "calicnm.store": 1,
     "calicnm.host": 1,
     "calicnm.ipam": 2,
+    "calicnm.agent_index": 2,
     "calicnm.routing": 3,
     "calicnm.driver": 4,
     "calicnm.wiring": 5,
