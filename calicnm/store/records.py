@@ -337,8 +337,9 @@ def endpoint(store: Reader, host: str, endpoint_id: str) -> tuple[KV, Endpoint] 
 def hosts(store: Reader) -> list[Host]:
     """Every registered host.  Reads the whole ``hosts/`` prefix, endpoints
     included, and keeps the host records: a cost that grows with the
-    cluster, so the node calls it only at start and when its address
-    changes."""
+    cluster, so the node never calls it periodically (registration checks an
+    address with ``address_holder``, one key, and lists only when that
+    address has no claim yet: see ``store.registration``)."""
     return _valid((kv for _, kv in _host_scoped(store, HOST, None)), decode_host)
 
 
