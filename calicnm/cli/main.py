@@ -120,7 +120,9 @@ def plugin_socket(ctx: Context) -> str:
 
 def status_data(ctx: Context) -> dict[str, Any]:
     """Everything ``status`` reports, as data: the plugin, etcd, the agent
-    (and the invalid records it skipped), and ``ok`` (all three healthy)."""
+    (and the invalid records it skipped), the cluster's hosts alive or not,
+    and ``ok`` (this host's plugin, etcd and agent healthy; another host's
+    death does not make this one unhealthy)."""
     data: dict[str, Any] = {"host": ctx.config.hostname}
     path = plugin_socket(ctx)
     try:

@@ -197,3 +197,28 @@ def test_the_new_kinds_parse_and_stay_out_of_the_snapshot(store):
 def test_a_liveness_record_must_name_its_key_host(store):
     store.put(keys.liveness("h2"), RECORD.to_json())
     assert records.liveness(store) == {}
+
+
+# ---- what operators see ---------------------------------------------------------------
+
+
+def test_status_counts_the_hosts_alive_and_names_the_dead(store):
+    from calicnm.cli.main import hosts_data, status_lines
+    from calicnm.model import Host
+    from calicnm.store.registration import register_host
+
+    for i in (1, 2, 3):
+        register_host(store, Host(f"h{i}", f"198.18.0.{i + 1}"))
+    Heartbeat(store, RECORD, ttl=30).beat()
+    Heartbeat(store, Liveness("h3", 7, 1700000000.0, "0.1"), ttl=30).beat()
+    hosts = hosts_data(store)
+    assert hosts == {"registered": 3, "alive": ["h1", "h3"], "dead": ["h2"]}
+    data = {
+        "host": "h1",
+        "plugin": {"answering": True, "socket": "/s", "implements": ["NetworkDriver"]},
+        "etcd": {"reachable": True, "endpoints": "memory"},
+        "local_endpoints": 0,
+        "hosts": hosts,
+        "agent": {"reported": False},
+    }
+    assert "hosts: 3 registered, 2 alive; NOT alive: h2" in status_lines(data)
