@@ -90,6 +90,13 @@ SETTINGS = {
         "finding is repaired once seen this long apart (at least 5 s)",
         "60",
     ),
+    "liveness_ttl": Setting(
+        "CALICNM_LIVENESS_TTL",
+        "--liveness-ttl",
+        "seconds a node's liveness record outlives the node if it dies without stopping "
+        "(its etcd lease; at least 2); a clean stop removes it at once",
+        "30",
+    ),
     "pending_max_age": Setting(
         "CALICNM_PENDING_MAX_AGE",
         "--pending-max-age",
@@ -197,6 +204,7 @@ class Config:
     withdraw_on_exit: str = "false"
     resync_interval: str = "30"
     reconcile_interval: str = "60"
+    liveness_ttl: str = "30"
     pending_max_age: str = "300"
     metrics_address: str | None = None
     endpoint_to_host_action: str = "drop"
@@ -270,6 +278,11 @@ class Config:
     @property
     def reconcile_seconds(self) -> float:
         return _seconds(self.reconcile_interval, "reconcile interval", 1.0)
+
+    @property
+    def liveness_ttl_seconds(self) -> int:
+        """Whole seconds (etcd's leases count in seconds), at least etcd's 2."""
+        return max(2, round(_seconds(self.liveness_ttl, "liveness TTL", 2.0)))
 
     @property
     def pending_max_age_seconds(self) -> float:

@@ -15,6 +15,7 @@ status for the CLI.
     │   ├── PoolExhausted
     │   └── DatastoreConflict          compare-and-swap retries ran out
     ├── DatastoreUnavailable       503  etcd cannot be reached
+    ├── LeaseLost                  503  etcd no longer holds a lease (expired, revoked)
     ├── ForeignDatastore           503  etcd is not the datastore this host served
     └── DataplaneError             500  the kernel refused a change
 """
@@ -64,6 +65,13 @@ class DatastoreConflict(Conflict):
 
 
 class DatastoreUnavailable(CalicnmError):
+    status = 503
+
+
+class LeaseLost(CalicnmError):
+    """etcd does not know the lease a call named: it expired (its keys are
+    gone) or was revoked.  The holder grants a new one."""
+
     status = 503
 
 

@@ -354,6 +354,38 @@ class Host:
         )
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """What a running node says of itself, on its etcd lease: the record
+    exists exactly while the lease lives (see ``node.liveness``)."""
+
+    host: str
+    pid: int
+    started: float
+    """When the node started (Unix time)."""
+    version: str
+
+    def to_json(self) -> str:
+        return _dump(
+            {"host": self.host, "pid": self.pid, "started": self.started, "version": self.version}
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Liveness:
+        data = _load(raw, "liveness", ("host", "pid", "started", "version"))
+        pid, started = data.get("pid"), data.get("started")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+            raise InvalidRequest(f"pid {pid!r} is not a process id")
+        if not isinstance(started, int | float) or isinstance(started, bool):
+            raise InvalidRequest(f"started {started!r} is not a time")
+        return cls(
+            host=check_hostname(data.get("host")),
+            pid=pid,
+            started=float(started),
+            version=check_text(data.get("version", ""), "version", 64),
+        )
+
+
 def effective_profiles(endpoint: Endpoint, network: Network | None) -> tuple[str, ...]:
     """The profiles that govern ``endpoint``: its own list when the operator
     set one, else its network's profile (none while that name is unknown,

@@ -3,8 +3,10 @@
 ``MemoryStore`` implements the ``Store`` protocol with etcd's revision
 semantics (a global counter; each write stamps the key's mod_revision), so
 compare-and-swap code behaves as it does against etcd, and etcd's prefix
-watches.  ``FakePlumbing`` keeps the links it would have made, so tests
-assert the resulting host state.
+watches and leases (on an injectable clock: a lease's keys are deleted, in
+one revision, by the first call made after it expired).  ``FakePlumbing``
+keeps the links it would have made, so tests assert the resulting host
+state.
 
 The kernel at the adapter boundary, after Felix's IptablesStub: each fake
 parses the real input of the command it replaces and refuses what the real
@@ -20,19 +22,25 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from calicnm.endpoint import LinkPlan
-from calicnm.errors import DataplaneError, DatastoreUnavailable
+from calicnm.errors import DataplaneError, DatastoreUnavailable, LeaseLost
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Backend, Iptables
 from calicnm.store.kv import ABSENT, KV, Change, OnChanges, OnEnd, Txn
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._data: dict[str, tuple[str, int]] = {}
+        self._clock = clock
+        self._leases: dict[int, tuple[int, float]] = {}
+        """Live leases: id -> (ttl, when it expires on ``clock``)."""
+        self._key_lease: dict[str, int] = {}
+        self._next_lease = 0x1000
         self._revision = 0
         self._lock = threading.Lock()
         self._down = False
@@ -71,6 +79,80 @@ class MemoryStore:
     def _check(self) -> None:
         if self._down:
             raise DatastoreUnavailable("etcd is unreachable at memory:0: test")
+        self._expire()
+
+    # ---- leases, as etcd's -------------------------------------------------
+
+    def _expire(self) -> None:
+        """Delete the keys of every lease past its time, one revision per
+        lease, as etcd's lessor does."""
+        with self._ordered:
+            now = self._clock()
+            with self._lock:
+                due = [lid for lid, (_ttl, end) in self._leases.items() if end <= now]
+            for lease in due:
+                self._end_lease(lease)
+
+    def _end_lease(self, lease: int) -> bool:
+        with self._ordered:
+            with self._lock:
+                if self._leases.pop(lease, None) is None:
+                    return False
+                mine = sorted(k for k, lid in self._key_lease.items() if lid == lease)
+                changes = []
+                if mine:
+                    self._revision += 1
+                    for key in mine:
+                        del self._key_lease[key]
+                        del self._data[key]
+                        changes.append(Change(key, None, self._revision))
+                    self._record(changes)
+            if changes:
+                self._changed(mine, changes)
+            return True
+
+    def grant_lease(self, ttl: int) -> int:
+        self._check()
+        with self._lock:
+            self._next_lease += 1
+            self._leases[self._next_lease] = (ttl, self._clock() + ttl)
+            return self._next_lease
+
+    def keep_alive(self, lease: int) -> int:
+        self._check()
+        with self._lock:
+            found = self._leases.get(lease)
+            if found is None:
+                return 0
+            self._leases[lease] = (found[0], self._clock() + found[0])
+            return found[0]
+
+    def revoke_lease(self, lease: int) -> bool:
+        self._check()
+        return self._end_lease(lease)
+
+    def put_leased(self, key: str, value: str, lease: int) -> int:
+        self._check()
+        with self._ordered:
+            with self._lock:
+                if lease not in self._leases:
+                    raise LeaseLost(f"etcd no longer holds lease {lease:x}")
+                self._revision += 1
+                self._data[key] = (value, self._revision)
+                self._key_lease[key] = lease
+                changes = [Change(key, value, self._revision)]
+                self._record(changes)
+                revision = self._revision
+            self._changed([key], changes)
+        return revision
+
+    def leases(self) -> dict[int, list[str]]:
+        """Every live lease and the keys on it."""
+        with self._lock:
+            return {
+                lid: sorted(k for k, owner in self._key_lease.items() if owner == lid)
+                for lid in self._leases
+            }
 
     def watch(self, prefix: str, notify: Callable[[bool], None]) -> Callable[[], None]:
         """As ``EtcdStore.watch``: ``notify(True)`` after every change under
@@ -183,6 +265,7 @@ class MemoryStore:
             with self._lock:
                 self._revision += 1
                 self._data[key] = (value, self._revision)
+                self._key_lease.pop(key, None)
                 changes = [Change(key, value, self._revision)]
                 self._record(changes)
             self._changed([key], changes)
@@ -193,6 +276,7 @@ class MemoryStore:
             changes = []
             with self._lock:
                 found = self._data.pop(key, None) is not None
+                self._key_lease.pop(key, None)
                 if found:
                     self._revision += 1
                     changes = [Change(key, None, self._revision)]
@@ -216,8 +300,10 @@ class MemoryStore:
                 changes = []
                 for key, value in txn.puts:
                     self._data[key] = (value, self._revision)
+                    self._key_lease.pop(key, None)
                     changes.append(Change(key, value, self._revision))
                 for key in txn.deletes:
+                    self._key_lease.pop(key, None)
                     if self._data.pop(key, None) is not None:
                         changes.append(Change(key, None, self._revision))
                 self._record(changes)

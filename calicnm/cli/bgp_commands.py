@@ -18,6 +18,7 @@ from calicnm.routing.bgp import parse_protocols
 from calicnm.routing.bird import Bird
 from calicnm.store import keys, records
 from calicnm.store.edits import update_bgp_config
+from calicnm.store.registration import unregister_host
 
 Leaf = Callable[[Any, str, Callable[[Context], int], str], argparse.ArgumentParser]
 
@@ -51,6 +52,7 @@ def cmd_node_show(ctx: Context) -> int:
         for name, found in records.node_peers(ctx.store).items()
     }
     listed = sorted(records.hosts(ctx.store), key=lambda h: h.name)
+    alive = records.liveness(ctx.store)
     if ctx.args.json:
         emit_json(
             [
@@ -61,6 +63,7 @@ def cmd_node_show(ctx: Context) -> int:
                     "as_inherited": h.as_num is None,
                     "peers": peers.get(h.name, []),
                     "endpoints": counts.get(h.name, 0),
+                    "alive": h.name in alive,
                 }
                 for h in listed
             ]
@@ -70,9 +73,17 @@ def cmd_node_show(ctx: Context) -> int:
     for h in listed:
         as_text = str(h.as_num) if h.as_num is not None else f"{config.as_num} (inherited)"
         rows.append(
-            [h.name, h.ip or "", as_text, ", ".join(peers.get(h.name, [])), counts.get(h.name, 0)]
+            [
+                h.name,
+                h.ip or "",
+                as_text,
+                ", ".join(peers.get(h.name, [])),
+                counts.get(h.name, 0),
+                "yes" if h.name in alive else "no",
+            ]
         )
-    print(table.render(["Hostname", "IPv4", "AS Num", "BGP Peers v4", "Endpoints"], rows))
+    headers = ["Hostname", "IPv4", "AS Num", "BGP Peers v4", "Endpoints", "Alive"]
+    print(table.render(headers, rows))
     return 0
 
 
@@ -204,7 +215,7 @@ def cmd_node_remove(ctx: Context) -> int:
     for peer in records.node_peers(store, name).get(name, []):
         store.delete(keys.node_peer(name, peer.ip))
     deleted, kept = ipam.release_affinity(name)
-    store.delete(keys.host_meta(name))
+    unregister_host(store, name)
     print(
         f"Node configuration removed: host {name}, {len(endpoints)} endpoint(s), "
         f"{deleted + kept} block(s) released"
@@ -238,7 +249,9 @@ def _peer_commands(parent: Any, leaf: Leaf, scope: str) -> None:
 
 
 def register(sub: Any, node_sub: Any, leaf: Leaf) -> None:
-    show = leaf(node_sub, "show", cmd_node_show, "hosts, addresses, AS numbers, peers")
+    show = leaf(
+        node_sub, "show", cmd_node_show, "hosts, addresses, AS numbers, peers, alive or not"
+    )
     show.add_argument("--json", action="store_true")
     node_bgp = node_sub.add_parser("bgp", help="this host's own BGP peers")
     _peer_commands(

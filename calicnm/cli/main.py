@@ -36,6 +36,7 @@ from calicnm.host.markers import StatusFile
 from calicnm.model import Pool, parse_address, parse_network
 from calicnm.node.node_container import DEFAULT_IMAGE, DEFAULT_NAME, start_node_container
 from calicnm.store import records
+from calicnm.store.kv import Reader
 from calicnm.wiring import setup_logging
 
 ETCD_SETTINGS = ["etcd_endpoints", "etcd_trusted_ca_file", "etcd_cert_file", "etcd_key_file"]
@@ -53,6 +54,7 @@ NODE_SETTINGS = [
     "withdraw_on_exit",
     "resync_interval",
     "reconcile_interval",
+    "liveness_ttl",
     "pending_max_age",
     "metrics_address",
     "endpoint_to_host_action",
@@ -118,7 +120,9 @@ def plugin_socket(ctx: Context) -> str:
 
 def status_data(ctx: Context) -> dict[str, Any]:
     """Everything ``status`` reports, as data: the plugin, etcd, the agent
-    (and the invalid records it skipped), and ``ok`` (all three healthy)."""
+    (and the invalid records it skipped), the cluster's hosts alive or not,
+    and ``ok`` (this host's plugin, etcd and agent healthy; another host's
+    death does not make this one unhealthy)."""
     data: dict[str, Any] = {"host": ctx.config.hostname}
     path = plugin_socket(ctx)
     try:
@@ -130,6 +134,7 @@ def status_data(ctx: Context) -> dict[str, Any]:
         endpoints = records.host_counts(ctx.store).get(ctx.config.hostname, 0)
         data["etcd"] = {"endpoints": ctx.store.describe(), "reachable": True}
         data["local_endpoints"] = endpoints
+        data["hosts"] = hosts_data(ctx.store)
     except CalicnmError as exc:
         data["etcd"] = {"endpoints": ctx.config.etcd_endpoints, "reachable": False}
         data["etcd"]["error"] = str(exc)
@@ -143,6 +148,18 @@ def status_data(ctx: Context) -> dict[str, Any]:
         data["plugin"]["answering"] and data["etcd"]["reachable"] and data["agent"]["healthy"]
     )
     return data
+
+
+def hosts_data(store: Reader) -> dict[str, Any]:
+    """The registered hosts and which of them have a running node (a live
+    liveness record: ``node.liveness``)."""
+    names = sorted(h.name for h in records.hosts(store))
+    alive = records.liveness(store)
+    return {
+        "registered": len(names),
+        "alive": sorted(n for n in names if n in alive),
+        "dead": [n for n in names if n not in alive],
+    }
 
 
 def status_report(ctx: Context) -> tuple[bool, list[str]]:
@@ -162,6 +179,11 @@ def status_lines(data: dict[str, Any]) -> list[str]:
     if etcd["reachable"]:
         lines.append(f"etcd is reachable at {etcd['endpoints']}")
         lines.append(f"host {data['host']}: {data['local_endpoints']} endpoint(s)")
+        hosts = data["hosts"]
+        line = f"hosts: {hosts['registered']} registered, {len(hosts['alive'])} alive"
+        if hosts["dead"]:
+            line += f"; NOT alive: {', '.join(hosts['dead'])}"
+        lines.append(line)
     else:
         lines.append(f"etcd: {etcd['error']}")
     if agent["reported"] is False:

@@ -10,7 +10,9 @@ Start order, each step bounded in time and failing with a one-line reason:
 4. the datastore's identity (``store.identity``): a datastore that is not
    the one this host served (empty, or another cluster) is refused unless
    ``--accept-new-datastore``, and the kernel is left as it was;
-5. defaults in etcd (the default pool) and this host's registration;
+5. defaults in etcd (the default pool), this host's registration (its record
+   and the claim on its address, ``store.registration``) and its liveness
+   record on an etcd lease (``node.liveness``, kept alive by its own thread);
 6. one full agent pass, so a restarted node has converged the kernel
    (chains, ipsets, routes) before it serves Docker again; if it fails the
    node still starts, reports it (Join then refuses) and keeps retrying;
@@ -28,7 +30,8 @@ Then it tells the service manager it is ready (``node.service_notify``;
 systemd's ``Type=notify``: the plugin answers and the first pass has run),
 and the main loop keeps the host record current and restarts a child or
 the agent thread that died.  SIGTERM or SIGINT stops the plugin and the
-agent, removes the socket it created, stops the embedded etcd and exits 0.
+agent, revokes the liveness lease (the record goes at once), removes the
+socket it created, stops the embedded etcd and exits 0.
 Everything else stays: chains, ipsets, endpoint routes and BIRD (so peers
 keep this host's routes and cross-host flows survive a restart or an
 upgrade).  ``--withdraw-on-exit`` shuts BIRD down on the way out, for a
@@ -52,7 +55,6 @@ from types import FrameType
 from calicnm.config import Config
 from calicnm.errors import (
     CalicnmError,
-    Conflict,
     DatastoreUnavailable,
     ForeignDatastore,
     InvalidRequest,
@@ -65,12 +67,13 @@ from calicnm.host.netlink import HostPlumbing, ensure_gateway_route, host_addres
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.host.sysctl import check_kernel_settings, ensure_forwarding
 from calicnm.ipam import Allocator
-from calicnm.model import Host
+from calicnm.model import Host, Liveness
 from calicnm.node.agent import Agent
 from calicnm.node.children import Child, embedded_etcd, gunicorn, wait_for
 from calicnm.node.cluster_networks import ClusterNetworkSync
 from calicnm.node.collector import OwnershipCollector, node_grace
 from calicnm.node.docker_api import DockerAPI
+from calicnm.node.liveness import Heartbeat, calicnm_version
 from calicnm.node.metrics import NodeFigures, NodeMetrics, parse_address
 from calicnm.node.network_names import NetworkNamer
 from calicnm.node.service_notify import NOTIFY_ENV, notify
@@ -87,6 +90,7 @@ from calicnm.store.identity import (
 )
 from calicnm.store.kv import Store
 from calicnm.store.records import Snapshot
+from calicnm.store.registration import register_host
 from calicnm.validation import check_hostname
 from calicnm.wiring import (
     EMBEDDED_ETCD_URL,
@@ -185,18 +189,6 @@ def detect_ip(addresses: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def register_host(store: EtcdStore, host: Host) -> None:
-    """Write this host's record; refuse an address another host claims."""
-    for other in records.hosts(store):
-        if other.name != host.name and host.ip and other.ip == host.ip:
-            raise Conflict(
-                f"address {host.ip} is already registered by host {other.name}; "
-                f"give this host another --ip or remove the old one ('calicnm node remove "
-                f"--hostname {other.name}')"
-            )
-    store.put(keys.host_meta(host.name), host.to_json())
-
-
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -211,6 +203,8 @@ class Node:
         self._bird: Bird | None = None
         self._collector_thread: threading.Thread | None = None
         self._metrics: NodeMetrics | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._heartbeat_thread: threading.Thread | None = None
 
     def request_stop(self, signum: int, _frame: FrameType | None) -> None:
         _log.info("signal %d received; stopping", signum)
@@ -273,6 +267,7 @@ class Node:
             raise InvalidRequest("cannot detect this host's address; pass --ip or CALICNM_IP")
         register_host(store, Host(name=config.hostname, ip=ip, as_num=config.as_number))
         _log.info("host registered name=%s ip=%s", config.hostname, ip)
+        self._start_heartbeat(store)
         if config.default_pools and Allocator(store, config.hostname).ensure_default_pool():
             _log.info("default pool created")
 
@@ -346,6 +341,17 @@ class Node:
         threading.Thread(
             target=networks.run, args=(self._stop, store.watch), name="networks", daemon=True
         ).start()
+
+    def _start_heartbeat(self, store: EtcdStore) -> None:
+        """This node's liveness record on its etcd lease (``node.liveness``),
+        kept alive by a thread of its own so that a slow pass elsewhere never
+        delays a keepalive; revoked in ``_shutdown``."""
+        record = Liveness(self.config.hostname, os.getpid(), time.time(), calicnm_version())
+        heartbeat = self._heartbeat = Heartbeat(store, record, self.config.liveness_ttl_seconds)
+        self._heartbeat_thread = threading.Thread(
+            target=heartbeat.run, args=(self._stop,), name="liveness", daemon=True
+        )
+        self._heartbeat_thread.start()
 
     def _collect(self) -> None:
         """The collector thread: one sweep now, then one per interval, until
@@ -466,8 +472,7 @@ class Node:
             stored = records.host(store, host.name)
         except InvalidRequest:
             stored = None  # malformed: replaced by a valid one
-        if stored != host:
-            register_host(store, host)
+        if stored != host and register_host(store, host):
             _log.info("host record updated name=%s ip=%s", host.name, host.ip)
 
     def _figures(self) -> NodeFigures:
@@ -512,6 +517,10 @@ class Node:
             self._agent_thread.join(timeout=10)
         if self._collector_thread is not None:
             self._collector_thread.join(timeout=10)
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=10)
+        if self._heartbeat is not None and self._heartbeat.release():
+            _log.info("liveness lease revoked")
         if self._socket_owned:
             _remove_socket(self.config.socket)
         if self._bird is not None and self.config.withdraws_on_exit:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest
+from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest, LeaseLost
 from calicnm.store.kv import ABSENT, KV, Change, OnChanges, OnEnd, Txn
 
 _log = logging.getLogger(__name__)
@@ -323,6 +323,80 @@ class EtcdStore:
 
         return self._call(run)
 
+    # ---- the Leases protocol ----------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> int:
+        """As ``kv.Leases.grant_lease``.  A grant whose answer was lost and is
+        tried again leaves an unused lease behind, which expires by itself."""
+        import etcd3.etcdrpc as etcdrpc
+
+        def grant(c: Any) -> int:
+            request = etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0)
+            response = c.leasestub.LeaseGrant(
+                request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+            )
+            if response.error:
+                raise CalicnmError(f"etcd refused a lease of {ttl}s: {response.error}")
+            return int(response.ID)
+
+        return self._call(grant)
+
+    def keep_alive(self, lease: int) -> int:
+        """As ``kv.Leases.keep_alive``: one LeaseKeepAlive request on a stream
+        of its own, whose answer carries the new time to live (0: etcd does
+        not know the lease).  etcd serves it from the leader without a raft
+        write, so it makes no revision."""
+        import etcd3.etcdrpc as etcdrpc
+
+        def refresh(c: Any) -> int:
+            requests = iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)])
+            stream = c.leasestub.LeaseKeepAlive(
+                requests, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+            )
+            for response in stream:
+                return max(0, int(response.TTL))
+            raise _Unreachable("the lease keepalive stream ended without an answer")
+
+        return self._call(refresh)
+
+    def revoke_lease(self, lease: int) -> bool:
+        import etcd3.etcdrpc as etcdrpc
+
+        def revoke(c: Any) -> bool:
+            request = etcdrpc.LeaseRevokeRequest(ID=lease)
+            try:
+                c.leasestub.LeaseRevoke(
+                    request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+                )
+            except Exception as exc:
+                if _lease_not_found(exc):
+                    return False
+                raise
+            return True
+
+        return self._call(revoke)
+
+    def put_leased(self, key: str, value: str, lease: int) -> int:
+        import etcd3.etcdrpc as etcdrpc
+
+        def put(c: Any) -> int:
+            request = etcdrpc.PutRequest(
+                key=key.encode("utf-8", "surrogateescape"),
+                value=value.encode("utf-8", "surrogateescape"),
+                lease=lease,
+            )
+            try:
+                response = c.kvstub.Put(
+                    request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+                )
+            except Exception as exc:
+                if _lease_not_found(exc):
+                    raise LeaseLost(f"etcd no longer holds lease {lease:x}") from exc
+                raise
+            return int(response.header.revision)
+
+        return self._call(put)
+
     def watch(self, prefix: str, notify: Callable[[bool], None]) -> Callable[[], None]:
         """Call ``notify(True)`` on every change under ``prefix`` and
         ``notify(False)`` once if the watch breaks (it is then dead: watch
@@ -398,6 +472,18 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
         return True, str(exc)
     _log.error("unexpected error from the etcd client", exc_info=exc)
     return False, _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _lease_not_found(exc: BaseException) -> bool:
+    """Is ``exc`` etcd saying it does not know the lease named?"""
+    import grpc
+
+    return (
+        isinstance(exc, grpc.RpcError)
+        and hasattr(exc, "code")
+        and exc.code() == grpc.StatusCode.NOT_FOUND
+        and "lease not found" in _rpc_text(exc)
+    )
 
 
 def _one_line(text: str) -> str:

@@ -19,6 +19,12 @@ means a new ``/calicnm/v2`` root and a migration, not an edit.
     /calicnm/v1/hosts/<host>/peers/<ip>             Peer of that host only
     /calicnm/v1/hosts/<host>/meta                   Host registration
     /calicnm/v1/hosts/<host>/endpoints/<id>         Endpoint on that host
+    /calicnm/v1/host-addresses/<ip>                 host name: the host claiming <ip>
+    /calicnm/v1/liveness/<host>                     Liveness, on the node's etcd lease
+
+The last two live outside ``hosts/`` so that checking one address reads one
+key, and so that the agent's snapshot (which lists ``hosts/``) never sees
+them.
 
 CIDRs appear in keys with ``/`` replaced by ``-`` (``10.0.0.0-26``).
 """
@@ -45,6 +51,8 @@ AFFINITY = f"{ROOT}/ipam/v4/affinity/"
 NETWORKS = f"{ROOT}/networks/"
 HOSTS = f"{ROOT}/hosts/"
 CLUSTER_NETWORKS = f"{ROOT}/cluster-networks/"
+HOST_ADDRESSES = f"{ROOT}/host-addresses/"
+LIVENESS = f"{ROOT}/liveness/"
 PROFILES = f"{ROOT}/profiles/"
 BGP_CONFIG = f"{ROOT}/bgp/config"
 GLOBAL_PEERS = f"{ROOT}/bgp/peers/"
@@ -108,3 +116,15 @@ def cluster_network(name: str) -> str:
 
 def host_network_state(host: str, name: str) -> str:
     return f"{HOSTS}{host}/cluster-networks/{name}"
+
+
+def host_address(ip: str) -> str:
+    """The claim on host address ``ip``: its value names the one host that
+    registered it (see ``store.registration``)."""
+    return HOST_ADDRESSES + ip
+
+
+def liveness(host: str) -> str:
+    """``host``'s liveness record, attached to its node's etcd lease: present
+    exactly while that node runs (see ``node.liveness``)."""
+    return LIVENESS + host

@@ -12,6 +12,11 @@ Two reads serve a reader that keeps its own copy of a prefix
 (``store.mirror``): ``list_at`` returns the keys with the revision they were
 read at, and ``watch_changes`` streams every later change with its value,
 from a given revision on, or says the history is no longer there.
+
+``Leases`` is etcd's lease API, for records that must vanish when their
+writer does (a node's liveness): keys put on a lease are deleted when it
+expires or is revoked, and keeping a lease alive writes nothing (no
+revision, no watch event).
 """
 
 from __future__ import annotations
@@ -98,6 +103,33 @@ class ChangeSource(Protocol):
         any thread, possibly before this returns: a compacted history may be
         reported either way).  Raises ``DatastoreUnavailable`` if no endpoint
         starts the stream."""
+        ...
+
+
+class Leases(Protocol):
+    """etcd leases.  A lease lives ``ttl`` seconds after its grant or its last
+    keepalive; when it expires or is revoked, etcd deletes every key put on
+    it (one revision, and a delete event for each key).  Calls raise
+    ``DatastoreUnavailable`` when etcd cannot be reached."""
+
+    def grant_lease(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds (etcd's minimum is 2): its id."""
+        ...
+
+    def keep_alive(self, lease: int) -> int:
+        """Restart ``lease``'s time to live: the seconds it now has left, 0
+        when etcd no longer holds it (expired or revoked: its keys are
+        gone).  Makes no revision."""
+        ...
+
+    def revoke_lease(self, lease: int) -> bool:
+        """End ``lease`` now, deleting its keys; False if it was already gone."""
+        ...
+
+    def put_leased(self, key: str, value: str, lease: int) -> int:
+        """Write ``key`` on ``lease`` (moving it off any lease it was on): the
+        revision of the write.  ``LeaseLost`` if etcd no longer holds the
+        lease (nothing is written then)."""
         ...
 
 

@@ -32,6 +32,7 @@ from calicnm.model import (
     Host,
     HostNetworkState,
     IPv4Network,
+    Liveness,
     Network,
     Peer,
     Pool,
@@ -39,7 +40,7 @@ from calicnm.model import (
 from calicnm.policy import Profile
 from calicnm.store import keys
 from calicnm.store.kv import KV, Reader, Store
-from calicnm.validation import check_hostname, check_utf8
+from calicnm.validation import check_host_ip, check_hostname, check_utf8
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +58,10 @@ HOST_NETWORK_STATE = "host-network-state"
 HOST = "host"
 ENDPOINT = "endpoint"
 CONFIG = "config"
+HOST_ADDRESS = "host-address"
+"""A host address's claim (``keys.host_address``): name is the address."""
+LIVENESS = "liveness"
+"""A running node's liveness record (``keys.liveness``): name is the host."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ _FLAT = (
     (keys.CLUSTER_NETWORKS, CLUSTER_NETWORK),
     (keys.PROFILES, PROFILE),
     (keys.GLOBAL_PEERS, GLOBAL_PEER),
+    (keys.HOST_ADDRESSES, HOST_ADDRESS),
+    (keys.LIVENESS, LIVENESS),
     (keys.config(""), CONFIG),
 )
 
@@ -219,6 +226,21 @@ def decode_host(kv: KV) -> Host:
     return _identified(kv, HOST, Host.from_json, lambda h: (h.name, h.name))
 
 
+def decode_host_address(kv: KV) -> str:
+    """The host that claims the address a claim's key names."""
+
+    def build(parts: KeyParts) -> str:
+        if check_host_ip(parts.name, "the key's address") != parts.name:
+            raise InvalidRequest(f"{parts.name!r} is not an address in canonical form")
+        return check_hostname(kv.value, "the claiming host")
+
+    return _decoded(kv, HOST_ADDRESS, build)
+
+
+def decode_liveness(kv: KV) -> Liveness:
+    return _identified(kv, LIVENESS, Liveness.from_json, lambda live: (live.host, None))
+
+
 def decode_peer(kv: KV) -> Peer:
     parts = parse_key(kv.key)
     kind = parts.kind if parts is not None and parts.kind == NODE_PEER else GLOBAL_PEER
@@ -315,14 +337,29 @@ def endpoint(store: Reader, host: str, endpoint_id: str) -> tuple[KV, Endpoint] 
 def hosts(store: Reader) -> list[Host]:
     """Every registered host.  Reads the whole ``hosts/`` prefix, endpoints
     included, and keeps the host records: a cost that grows with the
-    cluster, so the node calls it only at start and when its address
-    changes."""
+    cluster, so the node never calls it periodically (registration checks an
+    address with ``address_holder``, one key, and lists only when that
+    address has no claim yet: see ``store.registration``)."""
     return _valid((kv for _, kv in _host_scoped(store, HOST, None)), decode_host)
 
 
 def host(store: Reader, name: str) -> Host | None:
     kv = store.get(keys.host_meta(name))
     return decode_host(kv) if kv else None
+
+
+def address_holder(store: Reader, ip: str) -> tuple[KV, str] | None:
+    """The claim on host address ``ip`` and the host it names; None while
+    unclaimed.  One key read, whatever the cluster's size.  InvalidRequest
+    for a claim that does not decode."""
+    kv = store.get(keys.host_address(ip))
+    return (kv, decode_host_address(kv)) if kv else None
+
+
+def liveness(store: Reader) -> dict[str, Liveness]:
+    """The hosts whose node is running now (its lease is alive), by name:
+    one listing of ``liveness/``, a key per running node."""
+    return {live.host: live for live in _valid(store.list(keys.LIVENESS), decode_liveness)}
 
 
 def node_peers(store: Reader, host: str | None = None) -> dict[str, list[Peer]]:

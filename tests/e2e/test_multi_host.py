@@ -334,11 +334,14 @@ def test_node_remove_cleans_a_dead_host(three: Cluster) -> None:
     c.docker("rm", "-f", *c.docker("ps", "-aq").split(), check=False)
     assert c.stop_node() == 0
     keys = a.etcd_keys()
-    assert "/calicnm/v1/hosts/host3/meta" in keys
+    claim = f"/calicnm/v1/host-addresses/{c.address}"
+    assert "/calicnm/v1/hosts/host3/meta" in keys and keys[claim] == "host3"
+    assert "/calicnm/v1/liveness/host3" not in keys  # a clean stop revoked it
     removed = a.calicnm("--hostname", "host3", "node", "remove")
     assert "Node configuration removed: host host3" in removed.stdout
     keys = a.etcd_keys()
     assert not [k for k in keys if "/host3/" in k]
+    assert claim not in keys
     assert "host3" not in a.calicnm("node", "show").stdout
     missing = a.calicnm("--hostname", "host3", "node", "remove", check=False)
     assert missing.returncode == 1 and "not registered" in missing.stderr
