@@ -615,8 +615,9 @@ class _Watch:
     ``notify(False)`` (or, for a change stream, ``on_end``) exactly once and
     its thread ends; a cancelled one ends quietly.  Nothing is raised in the
     thread.  A change stream (``start_revision`` and ``on_changes`` given)
-    passes each response's events on as ``Change`` batches; a plain watch
-    only calls ``notify(True)``."""
+    passes each response's events on as ``Change`` batches, and ends as
+    broken if ``on_changes`` raises; a plain watch only calls
+    ``notify(True)``."""
 
     def __init__(
         self,
@@ -724,8 +725,12 @@ class _Watch:
         if live:
             if self._on_changes is not None:
                 changes = [_change(event) for event in response.events]
-                if changes:
-                    self._safe_call(lambda: self._on_changes(changes))  # type: ignore[misc]
+                if changes and not self._safe_call(lambda: self._on_changes(changes)):  # type: ignore[misc]
+                    # Fail closed: a consumer that could not take a batch
+                    # must not be handed the next one as if it had.  The
+                    # stream ends (``on_end``), so the consumer stops trusting
+                    # its copy and starts over from what it last applied.
+                    return False
             else:
                 self._safe_notify(True)
         return live
@@ -754,11 +759,14 @@ class _Watch:
         if notify is not None:
             self._safe_call(lambda: notify(healthy))
 
-    def _safe_call(self, fn: Callable[[], None]) -> None:
+    def _safe_call(self, fn: Callable[[], None]) -> bool:
+        """Call a consumer's callback; False (logged) if it raised."""
         try:
             fn()
         except Exception:
             _log.exception("etcd watch callback failed")
+            return False
+        return True
 
 
 def _change(event: Any) -> Change:

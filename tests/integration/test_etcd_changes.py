@@ -142,3 +142,43 @@ def test_the_mirror_equals_a_fresh_read_across_a_resume_and_a_compaction(
         assert mirror.reloads == 2
     finally:
         mirror.stop()
+
+
+def test_a_consumer_that_fails_ends_its_stream(etcd_store: EtcdStore) -> None:
+    """Fail closed: a batch the consumer could not take ends the stream (as broken,
+    not compacted), so it is never handed later changes as if it had applied it;
+    a mirror then resumes from what it last applied and ends equal to the store."""
+    _kvs, revision = etcd_store.list_at(PREFIX)
+    calls: list[int] = []
+    ended: list[bool] = []
+
+    def on_changes(changes: list[Change]) -> None:
+        calls.append(len(changes))
+        raise RuntimeError("cannot take this batch")
+
+    cancel = etcd_store.watch_changes(PREFIX, revision, on_changes, ended.append)
+    try:
+        etcd_store.put(PREFIX + "profiles/x", "1")
+        wait_until(lambda: ended == [False])
+        etcd_store.put(PREFIX + "profiles/y", "2")
+        time.sleep(0.3)
+        assert calls == [1], "no batch after the one that failed"
+    finally:
+        cancel()
+
+    failing = [True]
+    mirror = PrefixMirror(etcd_store, PREFIX)
+    original = mirror._apply
+
+    def flaky(changes: list[Change]) -> None:
+        if failing and failing.pop():
+            raise RuntimeError("once")
+        original(changes)
+
+    mirror._apply = flaky  # type: ignore[method-assign]
+    mirror.start()
+    try:
+        etcd_store.put(PREFIX + "profiles/z", "3")
+        converge(mirror, lambda: mirror.view().list(PREFIX) == etcd_store.list(PREFIX))
+    finally:
+        mirror.stop()
