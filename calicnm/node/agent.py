@@ -140,6 +140,9 @@ class Agent:
         self._index = AgentIndex()
         self._index_from_store = True
         self._compile_cache = CompileCache()
+        self._decoded: Snapshot | None = None
+        self._decoded_revision = -1
+        self._index_revision = -1
         self._mirror: PrefixMirror | None = None
         self.reads = 0
         """Passes that read the datastore itself (no change stream running)."""
@@ -217,6 +220,7 @@ class Agent:
         self._routed = {k: v for k, v in routed.items() if k in programmed}
         self._markers.sync(programmed)
         self.passes += 1
+        self._decoded, self._decoded_revision = snapshot, self._index_revision
         return waiting
 
     def _refresh_index(self) -> None:
@@ -229,6 +233,7 @@ class Agent:
         mirror = self._mirror
         if self._watch_ok and mirror is not None and mirror.fresh:
             delta = mirror.take_delta(whole=self._index_from_store)
+            self._index_revision = delta.revision
             if delta.reset:
                 self._index.reset(kv for kv in delta.changes.values() if kv is not None)
             else:
@@ -240,6 +245,7 @@ class Agent:
             self._guard.check()
         self._index.reset(kvs)
         self._index_from_store = True
+        self._index_revision = -1
         self.reads += 1
 
     def datastore_reader(self) -> Reader:
@@ -250,6 +256,23 @@ class Agent:
         if self._watch_ok and mirror is not None and mirror.fresh:
             return mirror.view()
         return self._store
+
+    def decoded_view(self) -> Snapshot | None:
+        """The cluster as the last completed pass decoded it, for another
+        reader on this host (the ownership collector): only while it is as
+        current as the in-memory copy (the copy has applied nothing since the
+        pass took its changes, and its stream runs); else None, and the
+        reader decodes the copy itself.  A snapshot is never changed once
+        made, so any thread may read it."""
+        mirror = self._mirror
+        if (
+            self._watch_ok
+            and mirror is not None
+            and mirror.fresh
+            and self._decoded_revision == mirror.revision
+        ):
+            return self._decoded
+        return None
 
     @property
     def full_reads(self) -> int:

@@ -43,6 +43,7 @@ from calicnm.ownership import (
 )
 from calicnm.store import keys, records
 from calicnm.store.kv import Reader, Store, delete_if
+from calicnm.store.records import Snapshot
 
 _log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class OwnershipCollector:
         clock: Callable[[], float] = time.time,
         busy: Callable[[], frozenset[str]] = frozenset,
         reader: Callable[[], Reader] | None = None,
+        decoded: Callable[[], Snapshot | None] | None = None,
     ) -> None:
         """``busy()`` names the ids Docker calls on this host are working on
         (``host.markers.InFlight.active``); they are never findings, and are
@@ -110,9 +112,14 @@ class OwnershipCollector:
         current (so a sweep costs etcd no read of the cluster), else the
         store.  A copy a moment behind etcd is safe: a finding must be seen
         twice, and every repair re-reads its key or compares its revision in
-        etcd itself."""
+        etcd itself.  ``decoded()`` gives the agent's latest decoded view of
+        the cluster when there is one, so a sweep does not decode every
+        endpoint of every host again; the same argument makes it safe.  This
+        host's own records are still read through ``reader`` with their
+        revisions."""
         self._store = store
         self._reader = reader or (lambda: store)
+        self._decoded = decoded or (lambda: None)
         self._host = host
         self._links = links
         self._docker = docker
@@ -128,7 +135,8 @@ class OwnershipCollector:
         if self._guard is not None:
             self._guard()
         source = self._reader()
-        registered = {h.name for h in records.hosts(source)}
+        cluster = self._decoded()
+        registered = {h.name for h in (cluster.hosts if cluster else records.hosts(source))}
         if self._host not in registered:
             raise InvalidRequest(
                 f"host {self._host} is not registered in this datastore; check "
@@ -142,12 +150,12 @@ class OwnershipCollector:
                 mine.append((records.decode_endpoint(kv), kv.revision))
             except InvalidRequest:
                 continue  # the agent reports it; its link stays claimed
-        everyone = records.endpoints(source)
+        everyone = cluster.endpoints if cluster else records.endpoints(source)
         named: dict[IPv4Address, list[str]] = {}
         for ep in everyone:
             for ip in ep.ipv4:
                 named.setdefault(ip, []).append(ep.id)
-        network_ids = frozenset(records.networks(source))
+        network_ids = frozenset(cluster.networks if cluster else records.networks(source))
         now = self._clock()
         held: list[Held] = []
         holders = {}

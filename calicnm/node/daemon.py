@@ -330,6 +330,7 @@ class Node:
             guard=DatastoreGuard(store, cluster_id, ttl=0.0).check,
             busy=InFlight(config.in_flight_dir).active,
             reader=self._agent.datastore_reader,
+            decoded=self._agent.decoded_view,
         )
         self._collector_thread = threading.Thread(
             target=self._collect, name="collector", daemon=True

@@ -61,6 +61,8 @@ class MirrorDelta:
 
     reset: bool
     changes: dict[str, KV | None]
+    revision: int
+    """The copy's revision when the delta was taken."""
 
 
 class PrefixMirror:
@@ -106,9 +108,9 @@ class PrefixMirror:
         reset), and start collecting anew.  For one consumer only."""
         with self._lock:
             if whole or self._reset:
-                delta = MirrorDelta(True, dict(self._items))
+                delta = MirrorDelta(True, dict(self._items), self._revision)
             else:
-                delta = MirrorDelta(False, self._pending)
+                delta = MirrorDelta(False, self._pending, self._revision)
             self._pending = {}
             self._reset = False
         return delta

@@ -350,3 +350,23 @@ def test_changes_arrive_with_their_values_and_drift_repair_reads_nothing(rig):
         stop.set()
         rig.agent.wake()
         thread.join(timeout=2)
+
+
+def test_the_decoded_view_is_offered_only_while_it_is_current(rig):
+    """The collector may use the agent's decoded cluster only while it is exactly
+    as current as the copy: not before a pass has taken the latest change, and
+    not while the stream is down."""
+    rig.add(EP1, "10.0.0.1")
+    assert rig.agent.decoded_view() is None  # no stream followed yet
+    assert rig.agent.follow(rig.store)
+    rig.agent.reconcile()
+    view = rig.agent.decoded_view()
+    assert view is not None and [e.id for e in view.endpoints] == [EP1]
+    rig.add(EP2, "10.0.0.2", host="h2")  # applied to the copy, not yet passed
+    assert rig.agent.decoded_view() is None
+    rig.agent.reconcile()
+    view = rig.agent.decoded_view()
+    assert view is not None and {e.id for e in view.endpoints} == {EP1, EP2}
+    rig.store.down = True  # the stream ends
+    rig.store.down = False
+    assert rig.agent.decoded_view() is None

@@ -20,6 +20,7 @@ from calicnm.node.collector import OwnershipCollector
 from calicnm.ownership import Grace
 from calicnm.store import keys, records
 from calicnm.store.mirror import PrefixMirror
+from calicnm.store.records import read_snapshot
 from tests.fakes import FakeDocker, FakePlumbing, MemoryStore
 
 NID = "6f49939a5d861b88bab9633a90df9206d74f387e13a58e07639c41910427ffb7"
@@ -328,4 +329,30 @@ def test_a_sweep_through_the_agents_copy_reads_no_cluster_and_still_repairs(h):
     assert [f.kind for f in h.sweeps()] == [ownership.STALE_RECORD]
     assert records.endpoints(h.store, "h1") == []
     assert mirror.view().list(keys.ROOT + "/") == h.store.list(keys.ROOT + "/")
+    mirror.stop()
+
+
+def test_a_sweep_through_the_agents_decoded_view_finds_what_a_read_finds(h):
+    """With the agent's decoded view of the cluster (current, as the agent only
+    offers it then) and its copy as the reader, a sweep finds and repairs what a
+    sweep of etcd does."""
+    mirror = PrefixMirror(h.store, keys.ROOT + "/")
+    mirror.start()
+    h.collector = OwnershipCollector(
+        h.store,
+        "h1",
+        h.plumbing,
+        h.docker,
+        MAX_AGE,
+        clock=h.clock,
+        reader=mirror.view,
+        decoded=lambda: read_snapshot(mirror.view()),
+    )
+    h.run()
+    assert h.kinds() == []
+    h.plumbing.destroy_sandboxes()
+    h.docker.networks[NID].clear()  # the container is gone, Docker says so
+    assert [f.kind for f in h.sweeps()] == [ownership.STALE_RECORD]
+    assert records.endpoints(h.store, "h1") == []
+    assert h.kinds() == []
     mirror.stop()
