@@ -465,14 +465,20 @@ class Node:
 
     def _refresh_host_record(self, store: EtcdStore) -> None:
         """Register this host again only when its stored record differs from
-        what it is now (a new address, a new AS, a removed record).  At idle
-        that is one read of one key and no write, so the node makes no etcd
-        revision that every other host's agent would have to see."""
+        what it is now (a new address, a new AS, a removed record).  The
+        stored record is taken from the agent's decoded view of the cluster
+        while that is current, so at idle this reads nothing from etcd and
+        writes nothing: no revision that every other host's agent would have
+        to see.  Without a current view it reads the one key."""
         host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
-        try:
-            stored = records.host(store, host.name)
-        except InvalidRequest:
-            stored = None  # malformed: replaced by a valid one
+        view = self._agent.decoded_view() if self._agent is not None else None
+        if view is not None:
+            stored = next((h for h in view.hosts if h.name == host.name), None)
+        else:
+            try:
+                stored = records.host(store, host.name)
+            except InvalidRequest:
+                stored = None  # malformed: replaced by a valid one
         if stored != host and register_host(store, host):
             _log.info("host record updated name=%s ip=%s", host.name, host.ip)
 

@@ -50,7 +50,10 @@ class MirrorView:
         return self._items.get(key)
 
     def list(self, prefix: str) -> list[KV]:
-        return [kv for key, kv in sorted(self._items.items()) if key.startswith(prefix)]
+        """The keys under ``prefix`` in key order (only those are sorted)."""
+        found = [kv for key, kv in self._items.items() if key.startswith(prefix)]
+        found.sort(key=lambda kv: kv.key)
+        return found
 
 
 @dataclass(frozen=True)
