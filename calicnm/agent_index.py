@@ -297,8 +297,10 @@ class AgentIndex:
 
     def snapshot(self) -> Snapshot:
         """The input as a ``records.Snapshot`` (what a fresh ``read_snapshot``
-        of the same keys gives, but for the order of ``endpoints``), with
-        endpoints by host; the same object until something changes."""
+        of the same keys gives, but for the order of the records in its
+        lists); the same object until something changes.  Costs the copy of
+        what changed kinds hold, and of each changed host's endpoint list:
+        never a list of every endpoint."""
         for host in self._stale_hosts:
             on_host = self._by_host.get(host)
             if on_host:
@@ -316,7 +318,7 @@ class AgentIndex:
             self._snapshot = Snapshot(
                 profiles=dict(self._profiles),
                 networks=dict(self._networks),
-                endpoints=list(self._endpoints.values()),
+                by_host=dict(self._host_lists),
                 hosts=list(self._hosts.values()),
                 pools=list(self._pools.values()),
                 affinity=affinity,
@@ -324,7 +326,6 @@ class AgentIndex:
                 global_peers=list(self._global_peers.values()),
                 node_peers=node_peers,
                 invalid=dict(self._invalid),
-                by_host=dict(self._host_lists),
             )
         return self._snapshot
 

@@ -17,6 +17,7 @@ stop the plugin, the agent or a command from serving the rest.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -497,13 +498,15 @@ class Snapshot:
 
     ``profiles`` maps a name to None when its record exists but is invalid
     (its chains then drop everything); ``invalid`` lists every record that
-    was skipped, with the reason.  The order of ``endpoints`` is not
-    significant; ``endpoints_of`` gives one host's endpoints.
+    was skipped, with the reason.  Endpoints are kept by host
+    (``endpoints_of``); ``endpoints``, every host's, is made on first use,
+    so a reader that needs only its own host's never pays for the cluster's.
+    Never changed once made: any thread may read it.
     """
 
     profiles: dict[str, Profile | None]
     networks: dict[str, Network]
-    endpoints: list[Endpoint]
+    by_host: dict[str, list[Endpoint]]
     hosts: list[Host] = field(default_factory=list)
     pools: list[Pool] = field(default_factory=list)
     affinity: dict[str, list[IPv4Network]] = field(default_factory=dict)
@@ -511,14 +514,14 @@ class Snapshot:
     global_peers: list[Peer] = field(default_factory=list)
     node_peers: dict[str, list[Peer]] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)
-    by_host: dict[str, list[Endpoint]] | None = field(default=None, compare=False, repr=False)
-    """Endpoints by host when the producer keeps them so (the agent's index);
-    else ``endpoints_of`` filters ``endpoints``."""
 
     def endpoints_of(self, host: str) -> list[Endpoint]:
-        if self.by_host is not None:
-            return self.by_host.get(host, [])
-        return [e for e in self.endpoints if e.host == host]
+        return self.by_host.get(host, [])
+
+    @functools.cached_property
+    def endpoints(self) -> list[Endpoint]:
+        """Every host's endpoints (in no significant order)."""
+        return [e for on_host in self.by_host.values() for e in on_host]
 
 
 def snapshot_of(found: Iterable[AgentRecord]) -> Snapshot:
@@ -526,7 +529,7 @@ def snapshot_of(found: Iterable[AgentRecord]) -> Snapshot:
     invalid: dict[str, str] = {}
     profiles_: dict[str, Profile | None] = {}
     networks_: dict[str, Network] = {}
-    endpoints_: list[Endpoint] = []
+    by_host: dict[str, list[Endpoint]] = {}
     hosts_: list[Host] = []
     node_peers_: dict[str, list[Peer]] = {}
     pools_: list[Pool] = []
@@ -543,7 +546,7 @@ def snapshot_of(found: Iterable[AgentRecord]) -> Snapshot:
         elif isinstance(value, Network):
             networks_[value.id] = value
         elif isinstance(value, Endpoint):
-            endpoints_.append(value)
+            by_host.setdefault(value.host, []).append(value)
         elif isinstance(value, Host):
             hosts_.append(value)
         elif isinstance(value, Peer):
@@ -558,7 +561,7 @@ def snapshot_of(found: Iterable[AgentRecord]) -> Snapshot:
         elif isinstance(value, tuple):
             affinity.setdefault(value[0], []).append(value[1])
     return Snapshot(
-        profiles_, networks_, endpoints_, hosts_, pools_, affinity, bgp, peers, node_peers_, invalid
+        profiles_, networks_, by_host, hosts_, pools_, affinity, bgp, peers, node_peers_, invalid
     )
 
 

@@ -143,7 +143,7 @@ def normal(snapshot: Snapshot) -> Snapshot:
     return Snapshot(
         snapshot.profiles,
         snapshot.networks,
-        sorted(snapshot.endpoints, key=lambda e: (e.host, e.id)),
+        {h: sorted(eps, key=lambda e: e.id) for h, eps in sorted(snapshot.by_host.items())},
         sorted(snapshot.hosts, key=lambda h: h.name),
         sorted(snapshot.pools, key=lambda p: p.cidr),
         {h: sorted(b) for h, b in snapshot.affinity.items()},
