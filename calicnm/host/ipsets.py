@@ -55,6 +55,24 @@ class Ipsets:
     def names(self, prefix: str) -> set[str]:
         return {n for n in self._run(["list", "-n"]).split() if n.startswith(prefix)}
 
+    def read(self, prefix: str) -> dict[str, tuple[str, frozenset[str]]]:
+        """Every set whose name starts with ``prefix``: ``name -> (type, members)``,
+        members spelled as ``replace`` writes them (an address for ``hash:ip``, a
+        network for ``hash:net``), in one ``ipset save``.  A set of another type is
+        read with its type and no members (it differs from any set calicnm wants)."""
+        sets: dict[str, tuple[str, set[str]]] = {}
+        for line in self._run(["save"]).splitlines():
+            words = line.split()
+            if len(words) < 3 or not words[1].startswith(prefix):
+                continue
+            if words[0] == "create":
+                sets[words[1]] = (words[2], set())
+            elif words[0] == "add" and words[1] in sets:
+                kind, members = sets[words[1]]
+                if kind in SET_TYPES:
+                    members.add(_checked_member(words[2], kind, words[1]))
+        return {name: (kind, frozenset(members)) for name, (kind, members) in sets.items()}
+
     def replace(self, sets: Mapping[str, tuple[str, str, Iterable[str]]]) -> None:
         """Rewrite each ``name -> (temp name, type, members)`` by swap, in one
         call; ``type`` is ``hash:ip`` (addresses) or ``hash:net`` (CIDRs)."""
