@@ -57,9 +57,12 @@ class Ipsets:
 
     def read(self, prefix: str) -> dict[str, tuple[str, frozenset[str]]]:
         """Every set whose name starts with ``prefix``: ``name -> (type, members)``,
-        members spelled as ``replace`` writes them (an address for ``hash:ip``, a
-        network for ``hash:net``), in one ``ipset save``.  A set of another type is
-        read with its type and no members (it differs from any set calicnm wants)."""
+        in one ``ipset save``.  Members are spelt as the kernel prints them, with a
+        ``hash:net`` /32 given its prefix length back, which is how ``replace``
+        writes canonical members; a member spelt otherwise only makes its set
+        look different, so the caller rewrites it.  A set of another type is
+        read with its type and no members (it differs from any set calicnm
+        wants)."""
         sets: dict[str, tuple[str, set[str]]] = {}
         for line in self._run(["save"]).splitlines():
             words = line.split()
@@ -69,8 +72,10 @@ class Ipsets:
                 sets[words[1]] = (words[2], set())
             elif words[0] == "add" and words[1] in sets:
                 kind, members = sets[words[1]]
-                if kind in SET_TYPES:
-                    members.add(_checked_member(words[2], kind, words[1]))
+                if kind == "hash:ip":
+                    members.add(words[2])
+                elif kind == "hash:net":
+                    members.add(words[2] if "/" in words[2] else f"{words[2]}/32")
         return {name: (kind, frozenset(members)) for name, (kind, members) in sets.items()}
 
     def replace(self, sets: Mapping[str, tuple[str, str, Iterable[str]]]) -> None:

@@ -35,6 +35,7 @@ state in between has a calicnm chain accepting what policy denies.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +57,14 @@ _log = logging.getLogger(__name__)
 Chains = dict[str, tuple[str, ...]]
 
 
+def _digests(rules: tuple[str, ...], spelled: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """A chain's rules as written and as ``iptables-save`` printed them, hashed."""
+    return (
+        hashlib.blake2b("\n".join(rules).encode(), digest_size=16).digest(),
+        hashlib.blake2b("\n".join(spelled).encode(), digest_size=16).digest(),
+    )
+
+
 @dataclass(frozen=True)
 class ApplyStats:
     chains_written: int
@@ -70,9 +79,10 @@ class PolicyApplier:
         self._ipsets = ipsets
         self._chains: dict[str, Chains] | None = None  # table -> chains
         self._sets: dict[str, tuple[str, frozenset[str]]] | None = None  # name -> (type, members)
-        # (table, chain) -> (the rules last written, the lines iptables-save
-        # printed for them): how the kernel spells those rules.
-        self._spelled: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # (table, chain) -> digests of (the rules last written, the lines
+        # iptables-save printed for them): how the kernel spells those rules.
+        # Digests, not the lines: a host with 10,000 endpoints has 20,000 chains.
+        self._spelled: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     def apply(self, desired: CompiledPolicy, full: bool = False) -> ApplyStats:
         try:
@@ -193,7 +203,7 @@ class PolicyApplier:
             changed = {
                 n: r
                 for n, r in chains.items()
-                if n not in kernel or self._spelled.get((table, n)) != (r, kernel[n])
+                if n not in kernel or self._spelled.get((table, n)) != _digests(r, kernel[n])
             }
         else:
             changed = {n: r for n, r in chains.items() if old.get(n) != r}
@@ -208,7 +218,7 @@ class PolicyApplier:
         kernel = chain_rules(self._save(table, written))
         for name, rules in written.items():
             if name in kernel:
-                self._spelled[(table, name)] = (rules, kernel[name])
+                self._spelled[(table, name)] = _digests(rules, kernel[name])
 
     def _forget(self, table: str, chains: Chains) -> None:
         """Drop the spellings of ``table``'s chains that are no longer wanted."""
