@@ -133,7 +133,7 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(40, 10, 5, 1, 1, 200, 2, (20, 50), True)
-        return cls(1000, 9000, 100, 5, 2, 2000, 5, (1000, 10000), False)
+        return cls(1000, 9000, 100, 7, 2, 2000, 5, (1000, 10000), False)
 
 
 # ---- the endpoints and profiles ---------------------------------------------------------
@@ -562,6 +562,8 @@ class PathFigures:
     """tcp_bw at 64 KiB, bytes/s."""
     lat: list[float] = field(default_factory=list)
     """tcp_lat at 64 KiB, seconds one way."""
+    lat1: list[float] = field(default_factory=list)
+    """tcp_lat at 1 byte, seconds one way (per-packet costs, not copying, dominate)."""
     connect: list[float] = field(default_factory=list)
     """Seconds per new connection."""
     errors: list[str] = field(default_factory=list)
@@ -583,6 +585,11 @@ def measure_path(pair: Pair, settings: Settings, into: PathFigures) -> None:
         )
         into.bw.append(next(s.value for s in samples if s.test == "tcp_bw"))
         into.lat.append(next(s.value for s in samples if s.test == "tcp_lat"))
+        small = run_qperf(
+            pair, ["-m", "1", "-t", str(settings.seconds)], 2 * settings.seconds + 30, pinned(),
+            ("tcp_lat",),
+        )  # fmt: skip
+        into.lat1.append(small[0].value)
         argv = [*pinned(), sys.executable, "-c", CONNECT_LOOP, pair.address, str(CONNECT_PORT)]
         proc = pair.client.run([*argv, str(settings.connections)], timeout=120)
         into.connect.append(float(proc.stdout.strip()))
@@ -842,6 +849,7 @@ def figures(result: Json) -> Json:
     bw_a, bw_b = med(a.get("bw", [])), med(b.get("bw", []))
     lat_a, lat_b = med(a.get("lat", [])), med(b.get("lat", []))
     con_a, con_b = med(a.get("connect", [])), med(b.get("connect", []))
+    small_a, small_b = med(a.get("lat1", [])), med(b.get("lat1", []))
     warm = path.get("resync", {}).get("warm", [])
     resync = warm_median(warm) if warm else None
     mem = result.get("memory", {})
@@ -855,6 +863,9 @@ def figures(result: Json) -> Json:
         "lat_a_us": None if lat_a is None else lat_a * 1e6,
         "lat_b_us": None if lat_b is None else lat_b * 1e6,
         "latency_diff_us": lat_diff,
+        "lat1_a_us": None if small_a is None else small_a * 1e6,
+        "lat1_b_us": None if small_b is None else small_b * 1e6,
+        "lat1_diff_us": None if small_a is None or small_b is None else (small_b - small_a) * 1e6,
         "connect_a_us": None if con_a is None else con_a * 1e6,
         "connect_b_us": None if con_b is None else con_b * 1e6,
         "connect_diff_us": None if con_a is None or con_b is None else (con_b - con_a) * 1e6,
@@ -887,18 +898,30 @@ def _met(value: bool | None) -> str:
 def write_report(result: Json, out: Path) -> None:
     f = result["figures"]
     s = result["settings"]
-    rows = [
-        ["qperf tcp_bw 64 KiB, Gbit/s", _n(f["bw_a_gbit"]), _n(f["bw_b_gbit"]),
-         f"ratio {report.format_ratio(f['bandwidth_ratio'])} (goal >= 0.95): "
-         f"{_met(f['goals']['bandwidth_ratio'])}"],
-        ["qperf tcp_lat 64 KiB one way, us", _n(f["lat_a_us"], ".1f"), _n(f["lat_b_us"], ".1f"),
-         f"{_n(f['latency_diff_us'], '+.2f')} us (goal <= +1 us): "
-         f"{_met(f['goals']['latency_diff_us'])}"],
-        ["new TCP connection, us", _n(f["connect_a_us"], ".0f"), _n(f["connect_b_us"], ".0f"),
-         f"{_n(f['connect_diff_us'], '+.1f')} us"],
-    ]  # fmt: skip
     path = result.get("data_path", {})
     states = path.get("states", {})
+
+    def spread(key: str, scale: float, digits: str) -> list[str]:
+        """The (a) and (b) cells: median [min-max] of the repetitions."""
+        return [
+            report.format_spread(
+                [v * scale for v in states.get(st, {}).get(key, [])], lambda v: format(v, digits)
+            )
+            for st in ("a", "b")
+        ]
+
+    rows = [
+        ["qperf tcp_bw 64 KiB, Gbit/s", *spread("bw", 8e-9, ".1f"),
+         f"ratio {report.format_ratio(f['bandwidth_ratio'])} (goal >= 0.95): "
+         f"{_met(f['goals']['bandwidth_ratio'])}"],
+        ["qperf tcp_lat 64 KiB one way, us", *spread("lat", 1e6, ".1f"),
+         f"{_n(f['latency_diff_us'], '+.2f')} us (goal <= +1 us): "
+         f"{_met(f['goals']['latency_diff_us'])}"],
+        ["qperf tcp_lat 1 B one way, us", *spread("lat1", 1e6, ".1f"),
+         f"{_n(f['lat1_diff_us'], '+.2f')} us"],
+        ["new TCP connection, us", *spread("connect", 1e6, ".0f"),
+         f"{_n(f['connect_diff_us'], '+.1f')} us"],
+    ]  # fmt: skip
     kernel = [
         [state, str(info.get("endpoints", "")), *(str(v) for v in info.get("kernel", {}).values())]
         for state, info in states.items()
@@ -927,7 +950,7 @@ def write_report(result: Json, out: Path) -> None:
             f"State (a): the pair's own policy only.  State (b): {f['endpoints_b']} endpoints "
             f"({s['local']} local with veths over {s['profiles'] + 1} profiles, "
             f"{s['remote']} of other hosts).  Medians of {s['reps']} repetitions per state, "
-            "taken in turn; qperf's ends pinned to one CPU.\n\n"
+            "taken in turn, as median [min-max]; qperf's ends pinned to one CPU.\n\n"
             + report.markdown_table(["figure", "(a)", "(b)", "(b) against (a)"], rows)
             + "\n\nOnly a connection's first packet walks the policy chains (conntrack "
             "accepts the rest), so qperf's established streams see the rule count hardly "

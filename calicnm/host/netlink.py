@@ -1,4 +1,6 @@
-"""Host-side plumbing: the only module that imports pyroute2.
+"""Host-side plumbing: the only module that imports pyroute2, and the only one
+that speaks netlink (the two requests ``ensure_routes`` repeats for every
+endpoint are packed here by hand: see the end of the module).
 
 ``HostPlumbing`` carries out an ``endpoint.LinkPlan`` in the namespace of
 the calling thread (the host's, in production; a throwaway one in tests).

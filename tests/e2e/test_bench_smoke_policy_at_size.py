@@ -10,15 +10,13 @@ and only then SIGKILL.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.helpers import run_quick_bench
+from tests.e2e.helpers import is_number, run_quick_bench_ok
 
 pytestmark = [
     pytest.mark.e2e,
@@ -36,6 +34,8 @@ FIGURES = (
     "lat_a_us",
     "lat_b_us",
     "latency_diff_us",
+    "lat1_a_us",
+    "lat1_b_us",
     "connect_a_us",
     "connect_b_us",
     "resync_s",
@@ -44,15 +44,9 @@ FIGURES = (
 )
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def test_quick_run_reports_every_figure_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    returncode, output = run_quick_bench(MODULE, str(out), TIMEOUT_S)
-    assert returncode is not None, f"timed out after {TIMEOUT_S} s:\n{output[-4000:]}"
-    assert returncode == 0, output[-4000:]
+    run_quick_bench_ok(MODULE, str(out), TIMEOUT_S)
 
     result = json.loads((out / "policy_at_size.json").read_text())
     figures = result["figures"]
