@@ -7,14 +7,17 @@ run (figures only; nothing here fails on a number):
 1. **The data path with 10,000 endpoints of policy against none.**  Two endpoints of the
    host, each in a namespace of its own standing for a container, exchange qperf
    ``tcp_bw`` and ``tcp_lat`` (64 KiB, both ends pinned to one CPU, as ``bench.dataplane``
-   does) and a burst of new TCP connections, in two states taken in turn (a, b, b, a, ...)
-   over several repetitions, reported as medians:
+   does), 1-byte latency and a burst of new TCP connections, in two states taken in turn
+   (a, b, b, a, ...) over several repetitions, reported as medians:
 
    - (a) only the pair's own policy: their two endpoint records and their profile;
    - (b) the same pair plus the rest of 10,000 endpoints: local endpoints with real veths
      over many profiles, and endpoint records of other hosts whose addresses fill the tag
      ipsets the local profiles' rules (and the pair's) reference.
 
+   The agent programs each state once; the repetitions then swap the two kernel
+   snapshots (filter table and sets, saved and restored with the kernel's own tools), so
+   only the policy differs between measurements: no etcd writes or agent pass just before.
    The pair's profile denies a few big tags before it allows the tag everyone carries, so
    each new connection in (b) walks the two-level dispatch chains and misses and then hits
    ipsets of thousands of members.  An established connection is accepted by conntrack
@@ -100,9 +103,8 @@ REMOTE_HOSTS = 50
 TXN_OPS = 100
 """Writes per etcd transaction when switching states (etcd's limit is 128)."""
 CONNECT_PORT = 19766
-SETTLE_SECONDS = 3.0
-"""Pause between programming a state and measuring it (etcd and the kernel finish
-what the switch started)."""
+SETTLE_SECONDS = 1.0
+"""Pause between loading a state's kernel snapshot and measuring it."""
 GRPC_DEFAULT_RECEIVE = 4 * 1024 * 1024
 """gRPC's default limit on one response a client accepts."""
 GRPC_RECEIVE = 256 * 1024 * 1024
@@ -133,7 +135,7 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(40, 10, 5, 1, 1, 200, 2, (20, 50), True)
-        return cls(1000, 9000, 100, 7, 2, 2000, 5, (1000, 10000), False)
+        return cls(1000, 9000, 100, 9, 2, 2000, 5, (1000, 10000), False)
 
 
 # ---- the endpoints and profiles ---------------------------------------------------------
@@ -598,6 +600,46 @@ def measure_path(pair: Pair, settings: Settings, into: PathFigures) -> None:
         log(f"  measurement failed: {into.errors[-1][:300]}")
 
 
+@dataclass(frozen=True)
+class KernelSnapshot:
+    """A state's policy as the kernel holds it: the filter table as ``iptables-save``
+    prints it, and each calicnm set's ``ipset save`` lines."""
+
+    filter_table: str
+    sets: dict[str, tuple[str, tuple[str, ...]]]
+    """name -> (its create line, its add lines)."""
+
+    @classmethod
+    def save(cls, netns: Netns) -> KernelSnapshot:
+        backend = Iptables().backend
+        table = netns.run([backend.save, "-t", "filter"], timeout=60).stdout
+        sets: dict[str, tuple[str, list[str]]] = {}
+        for line in netns.run(["ipset", "save"], timeout=60).stdout.splitlines():
+            words = line.split()
+            if len(words) < 3 or not words[1].startswith("calicnm-"):
+                continue
+            if words[0] == "create":
+                sets[words[1]] = (line, [])
+            elif words[0] == "add" and words[1] in sets:
+                sets[words[1]][1].append(line)
+        return cls(table, {name: (create, tuple(adds)) for name, (create, adds) in sets.items()})
+
+    def load(self, netns: Netns, names: set[str]) -> None:
+        """Put this state back: every set in ``names`` refilled with this state's
+        members (empty if it has none), then the whole filter table replaced in one
+        ``iptables-restore`` transaction."""
+        lines = []
+        for name in sorted(names):
+            create, adds = self.sets.get(name, ("", ()))
+            if create:
+                lines.append(f"{create} -exist")
+            lines.append(f"flush {name}")
+            lines += adds
+        netns.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n", timeout=120)
+        restore = Iptables().backend.restore
+        netns.run([restore, "-w", "10", "-T", "filter"], input=self.filter_table, timeout=120)
+
+
 def kernel_counts(netns: Netns) -> dict[str, int]:
     """calicnm's rules, chains and ipset members programmed in ``netns`` now."""
     saved = netns.run(["iptables-save", "-t", "filter"], timeout=60).stdout
@@ -625,7 +667,8 @@ def rss_kib() -> dict[str, int]:
 
 def memory_child(url: str, netns_path: str, size: int, markers: str, limit: float) -> Json:
     """In a fresh process: the agent runs (change stream included) until it has programmed
-    ``size`` local endpoints; RSS before it was built and after."""
+    ``size`` local endpoints; RSS before it was built and after, and the time of one more
+    full pass once its loop has stopped (the periodic resync at that size)."""
     raise_grpc_receive_limit()
     store = EtcdStore(parse_endpoints(url))
     store.get(keys.profile(PAIR_PROFILE))  # connect from the namespace etcd listens in
@@ -651,6 +694,12 @@ def memory_child(url: str, netns_path: str, size: int, markers: str, limit: floa
     stop.set()
     agent.wake()
     thread.join(timeout=60)
+    full_pass = None
+    if not thread.is_alive() and programmed is not None:
+        # One more full pass, now that the loop has stopped: the periodic resync.
+        begun = time.perf_counter()
+        agent.reconcile(full=True)
+        full_pass = time.perf_counter() - begun
     store.close()
     return {
         "endpoints": size,
@@ -660,6 +709,7 @@ def memory_child(url: str, netns_path: str, size: int, markers: str, limit: floa
         "rss_before_kib": before["VmRSS"],
         "rss_after_kib": after["VmRSS"],
         "hwm_kib": after["VmHWM"],
+        "full_pass_s": full_pass,
         "last_error": agent.last_error,
     }
 
@@ -767,22 +817,31 @@ def data_path(
         "a": population.state(2, 0),
         "b": population.state(settings.local, settings.remote),
     }
-    measured = {"a": PathFigures(), "b": PathFigures()}
-    passes: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+    # The agent programs each state once; the kernel's filter table and sets are then
+    # saved, and the repetitions swap those snapshots in, so that nothing differs
+    # between the two measurements but the policy in the kernel (no etcd writes, no
+    # agent pass just before a measurement).
+    passes: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, int]] = {}
+    snapshots: dict[str, KernelSnapshot] = {}
+    for state in ("a", "b"):
+        records.set(states[state])
+        passes[state] = agent.full_pass()
+        counts[state] = kernel_counts(host)
+        snapshots[state] = KernelSnapshot.save(host)
+    names = {name for snapshot in snapshots.values() for name in snapshot.sets}
+    measured = {"a": PathFigures(), "b": PathFigures()}
     for rep in range(settings.reps):
         for state in ("a", "b") if rep % 2 == 0 else ("b", "a"):
-            records.set(states[state])
-            passes[state].append(agent.full_pass())
-            counts.setdefault(state, kernel_counts(host))
+            snapshots[state].load(host, names)
             time.sleep(SETTLE_SECONDS)
             measure_path(pair, settings, measured[state])
             m = measured[state]
-            if m.bw and m.lat:
-                connect = m.connect[-1] * 1e6 if m.connect else float("nan")
+            if m.bw and m.lat and m.lat1 and m.connect:
                 log(
                     f"  rep {rep + 1} state {state}: {m.bw[-1] * 8 / 1e9:.2f} Gbit/s, "
-                    f"{m.lat[-1] * 1e6:.1f} us, connect {connect:.0f} us"
+                    f"{m.lat[-1] * 1e6:.1f} us, 1 B {m.lat1[-1] * 1e6:.1f} us, "
+                    f"connect {m.connect[-1] * 1e6:.0f} us"
                 )
     # The full resync in state (b): once right after the switch from (a), which
     # programs 998 more endpoints, then warm passes over an unchanged kernel.
@@ -802,6 +861,7 @@ def data_path(
             for s in states
         },
         "state_passes": passes,
+        "swapped_by": "kernel snapshots (iptables-save/restore, ipset save/restore)",
         "resync": {"cold": cold, "warm": warm},
         "resync_profile": profile,
     }
@@ -874,6 +934,7 @@ def figures(result: Json) -> Json:
         "resync_cold_s": path.get("resync", {}).get("cold", {}).get("total"),
         "memory_kib": {n: p.get("rss_after_kib") for n, p in points.items()},
         "memory_before_kib": {n: p.get("rss_before_kib") for n, p in points.items()},
+        "full_pass_s": {n: p.get("full_pass_s") for n, p in points.items()},
         "memory_slope_kib_per_endpoint": mem.get("slope_kib_per_endpoint"),
     }
     out["goals"] = {
@@ -932,6 +993,7 @@ def write_report(result: Json, out: Path) -> None:
             _n(p.get("rss_before_kib", None) and p["rss_before_kib"] / 1024, ".1f"),
             _n(p.get("rss_after_kib", None) and p["rss_after_kib"] / 1024, ".1f"),
             _n(p.get("seconds_to_program"), ".1f"),
+            _n(p.get("full_pass_s"), ".2f"),
             str(p.get("error", p.get("last_error") or "")),
         ]
         for p in result.get("memory", {}).get("points", [])
@@ -981,7 +1043,14 @@ def write_report(result: Json, out: Path) -> None:
             "every local endpoint (real veths).  Slope: "
             f"{_n(f['memory_slope_kib_per_endpoint'], '.2f')} KiB per endpoint.\n\n"
             + report.markdown_table(
-                ["local endpoints", "RSS before, MiB", "RSS after, MiB", "s to program", "error"],
+                [
+                    "local endpoints",
+                    "RSS before, MiB",
+                    "RSS after, MiB",
+                    "s to program",
+                    "full pass, s",
+                    "error",
+                ],
                 mem_rows,
             ),
         ),

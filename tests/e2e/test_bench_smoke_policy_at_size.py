@@ -54,6 +54,7 @@ def test_quick_run_reports_every_figure_and_leaves_nothing(tmp_path: Path) -> No
         assert is_number(figures[name]), f"{name} is {figures[name]!r}"
     assert all(is_number(v) for v in figures["memory_kib"].values()), figures["memory_kib"]
     assert len(figures["memory_kib"]) == len(result["settings"]["memory_sizes"])
+    assert all(is_number(v) for v in figures["full_pass_s"].values()), figures["full_pass_s"]
     assert set(figures["goals"]) == {"bandwidth_ratio", "latency_diff_us", "resync_s"}
     assert all(v is not None for v in figures["goals"].values())
     states = result["data_path"]["states"]
