@@ -719,9 +719,12 @@ def run_memory_child(url: str, netns: Netns, size: int, workdir: Path, limit: fl
         sys.executable, "-m", "bench.policy_at_size", "--memory-child",
         json.dumps([url, str(netns.path), size, str(workdir / f"markers-{size}"), limit]),
     ]  # fmt: skip
-    proc = subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=limit + 120, check=False
-    )
+    try:
+        proc = subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=limit + 300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"endpoints": size, "error": f"no result within {limit + 300:.0f} s"}
     if proc.returncode != 0:
         return {"endpoints": size, "error": proc.stderr.strip()[-800:]}
     result: Json = json.loads(proc.stdout.strip().splitlines()[-1])
