@@ -813,7 +813,21 @@ class FakeIpsets(Ipsets):
         if args == ["restore"]:
             self.restore(script or "")
             return ""
+        if args == ["save"]:
+            with self._lock:
+                return self._save()
         raise DataplaneError(f"FakeIpsets does not implement ipset {' '.join(args)}")
+
+    def _save(self) -> str:
+        """What ``ipset save`` prints: each set's ``create`` line, then its members
+        (a ``hash:net`` /32 as a bare address, as the real one prints it)."""
+        lines = []
+        for name, fake in sorted(self.sets.items()):
+            lines.append(f"create {name} {fake.kind} family inet maxelem {fake.maxelem}")
+            for member in sorted(fake.members):
+                shown = member[:-3] if member.endswith("/32") else member
+                lines.append(f"add {name} {shown}")
+        return "".join(f"{line}\n" for line in lines)
 
     def restore(self, script: str) -> None:
         """Interpret an ``ipset restore`` script atomically."""

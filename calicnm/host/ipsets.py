@@ -55,6 +55,29 @@ class Ipsets:
     def names(self, prefix: str) -> set[str]:
         return {n for n in self._run(["list", "-n"]).split() if n.startswith(prefix)}
 
+    def read(self, prefix: str) -> dict[str, tuple[str, frozenset[str]]]:
+        """Every set whose name starts with ``prefix``: ``name -> (type, members)``,
+        in one ``ipset save``.  Members are spelt as the kernel prints them, with a
+        ``hash:net`` /32 given its prefix length back, which is how ``replace``
+        writes canonical members; a member spelt otherwise only makes its set
+        look different, so the caller rewrites it.  A set of another type is
+        read with its type and no members (it differs from any set calicnm
+        wants)."""
+        sets: dict[str, tuple[str, set[str]]] = {}
+        for line in self._run(["save"]).splitlines():
+            words = line.split()
+            if len(words) < 3 or not words[1].startswith(prefix):
+                continue
+            if words[0] == "create":
+                sets[words[1]] = (words[2], set())
+            elif words[0] == "add" and words[1] in sets:
+                kind, members = sets[words[1]]
+                if kind == "hash:ip":
+                    members.add(words[2])
+                elif kind == "hash:net":
+                    members.add(words[2] if "/" in words[2] else f"{words[2]}/32")
+        return {name: (kind, frozenset(members)) for name, (kind, members) in sets.items()}
+
     def replace(self, sets: Mapping[str, tuple[str, str, Iterable[str]]]) -> None:
         """Rewrite each ``name -> (temp name, type, members)`` by swap, in one
         call; ``type`` is ``hash:ip`` (addresses) or ``hash:net`` (CIDRs)."""

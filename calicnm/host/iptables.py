@@ -212,6 +212,18 @@ def kernel_chains(saved: str) -> set[str]:
     }
 
 
+def chain_rules(saved: str) -> dict[str, tuple[str, ...]]:
+    """Each calicnm chain in ``iptables-save`` output with its rule lines, in
+    order and as printed (``-A <chain> ...``); an empty chain has none."""
+    rules: dict[str, list[str]] = {name: [] for name in kernel_chains(saved)}
+    for line in saved.splitlines():
+        if line.startswith(f"-A {CHAIN_PREFIX}"):
+            name = line.split(maxsplit=2)[1]
+            if name in rules:
+                rules[name].append(line.rstrip())
+    return {name: tuple(lines) for name, lines in rules.items()}
+
+
 def jump_removals(saved: str, parent: str, chain: str) -> list[str]:
     """Lines that delete every one of our ``-j chain`` jumps from ``parent``."""
     rule = f"-A {parent} -j {chain}"

@@ -1,4 +1,6 @@
-"""Host-side plumbing: the only module that imports pyroute2.
+"""Host-side plumbing: the only module that imports pyroute2, and the only one
+that speaks netlink (the two requests ``ensure_routes`` repeats for every
+endpoint are packed here by hand: see the end of the module).
 
 ``HostPlumbing`` carries out an ``endpoint.LinkPlan`` in the namespace of
 the calling thread (the host's, in production; a throwaway one in tests).
@@ -18,6 +20,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -115,26 +119,34 @@ class HostPlumbing:
         scope-link route and permanent neighbour entry of each address,
         through ``host_if``; False when the interface does not exist.
         Idempotent ("replace"), so re-asserting repairs a route deleted or a
-        sysctl changed by hand."""
-        with _netlink() as ipr:
-            found = ipr.link_lookup(ifname=host_if)
-            if not found:
-                return False
-            try:
-                for path, value in PER_INTERFACE_SYSCTLS:
-                    write_sysctl(path.format(host_if), value)
-            except DataplaneError:
-                if not ipr.link_lookup(ifname=host_if):
-                    return False  # removed meanwhile
-                raise
-            try:
-                for addr in ips:
-                    ipr.route("replace", dst=f"{addr}/32", oif=found[0], scope=SCOPE_LINK)
-                    ipr.neigh("replace", dst=addr, lladdr=mac, ifindex=found[0], state="permanent")
-            except Exception as exc:
-                if _netlink_error(exc) == errno.ENODEV:
-                    return False
-                raise DataplaneError(f"cannot route {','.join(ips)} via {host_if}: {exc}") from exc
+        sysctl changed by hand.
+
+        The agent calls this for every local endpoint on each full resync,
+        so it is one interface-index lookup, the sysctl writes and one
+        netlink write carrying every request (see ``_replace_requests``),
+        about 0.1 ms, instead of a pyroute2 socket and two encoded requests
+        per address (about 3 ms)."""
+        try:
+            index = socket.if_nametoindex(host_if)
+        except OSError:
+            return False
+        try:
+            for path, value in PER_INTERFACE_SYSCTLS:
+                write_sysctl(path.format(host_if), value)
+        except DataplaneError:
+            if not self.exists(host_if):
+                return False  # removed meanwhile
+            raise
+        try:
+            requests = _replace_requests(index, ips, mac)
+            failed = _send_requests(requests)
+        except (OSError, ValueError) as exc:
+            raise DataplaneError(f"cannot route {','.join(ips)} via {host_if}: {exc}") from exc
+        if errno.ENODEV in failed:
+            return False  # removed meanwhile
+        if failed:
+            reason = os.strerror(failed[0])
+            raise DataplaneError(f"cannot route {','.join(ips)} via {host_if}: {reason}")
         return True
 
     def remove(self, host_if: str, peer_if: str | None = None) -> bool:
@@ -363,3 +375,85 @@ def delete_link(ifname: str) -> bool:
             return False
         ipr.link("del", index=found[0])
     return True
+
+
+# ---- the agent's route and neighbour requests, encoded here -------------------
+#
+# ``ensure_routes`` runs for every local endpoint on every full resync.  pyroute2
+# spends about 1 ms encoding one request; the kernel about 20 us carrying it out.
+# So these two fixed-shape requests are packed here (``struct``, the layouts of
+# <linux/netlink.h>, <linux/rtnetlink.h> and <linux/neighbour.h>) and sent together
+# in one write on a plain netlink socket.
+
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+NLMSG_ERROR = 2
+RTM_NEWROUTE, RTM_NEWNEIGH = 24, 28
+RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
+RTA_DST, RTA_OIF = 1, 4
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT = 0x80
+NETLINK_TIMEOUT = 5.0
+"""Longest wait for the kernel's answers to one write (it answers in microseconds)."""
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _message(kind: int, sequence: int, body: bytes) -> bytes:
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, sequence, 0) + body
+
+
+def _replace_requests(index: int, ips: tuple[str, ...], mac: str) -> list[bytes]:
+    """Per address, the requests of ``ip route replace ADDR/32 dev IF scope link proto
+    static`` and ``ip neigh replace ADDR lladdr MAC dev IF nud permanent`` (numbered 1,
+    2, ... in order).  ValueError or OSError for an address or MAC that is not one."""
+    lladdr = bytes.fromhex(mac.replace(":", ""))
+    if len(lladdr) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    out: list[bytes] = []
+    for ip in ips:
+        dst = socket.inet_pton(socket.AF_INET, ip)
+        route = struct.pack(
+            "=BBBBBBBBI", socket.AF_INET, 32, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, SCOPE_LINK,
+            RTN_UNICAST, 0,
+        )  # fmt: skip
+        route += _attribute(RTA_DST, dst) + _attribute(RTA_OIF, struct.pack("=i", index))
+        neigh = struct.pack("=BBHiHBB", socket.AF_INET, 0, 0, index, NUD_PERMANENT, 0, 0)
+        neigh += _attribute(NDA_DST, dst) + _attribute(NDA_LLADDR, lladdr)
+        out.append(_message(RTM_NEWROUTE, len(out) + 1, route))
+        out.append(_message(RTM_NEWNEIGH, len(out) + 1, neigh))
+    return out
+
+
+def _send_requests(requests: list[bytes]) -> list[int]:
+    """Send ``requests`` (numbered 1..n) in one write on a fresh rtnetlink socket of
+    the calling thread's namespace and read every answer; the errno of each request
+    the kernel refused.  OSError when the socket fails or an answer does not come
+    within ``NETLINK_TIMEOUT``."""
+    if not requests:
+        return []
+    failed: list[int] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(NETLINK_TIMEOUT)
+        sock.bind((0, 0))
+        sock.send(b"".join(requests))
+        pending = set(range(1, len(requests) + 1))
+        for _read in range(4 * len(requests)):  # each answer is at most one read
+            if not pending:
+                break
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 20 <= len(data):
+                length, kind, _flags, sequence, _pid = struct.unpack_from("=IHHII", data, offset)
+                if kind == NLMSG_ERROR and sequence in pending:
+                    pending.discard(sequence)
+                    (code,) = struct.unpack_from("=i", data, offset + 16)
+                    if code:
+                        failed.append(-code)
+                offset += max(16, (length + 3) & ~3)
+        if pending:
+            raise OSError(errno.EPROTO, f"no answer to {len(pending)} netlink requests")
+    return failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +55,19 @@ def start_web(host: CalicnmHost, name: str, network: str, *extra: str) -> str:
         "echo hello > /www/index.html && exec httpd -f -v -p 80 -h /www",
     )
     return host.ip_of(name, network)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a benchmark's report holds for a figure."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_quick_bench_ok(module: str, out: str, timeout: float = 600) -> str:
+    """:func:`run_quick_bench`, asserting it ended in time and with status 0; its output."""
+    returncode, output = run_quick_bench(module, out, timeout)
+    assert returncode is not None, f"timed out after {timeout} s:\n{output[-4000:]}"
+    assert returncode == 0, output[-4000:]
+    return output
 
 
 def run_quick_bench(module: str, out: str, timeout: float = 600) -> tuple[int | None, str]:

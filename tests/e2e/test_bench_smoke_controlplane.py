@@ -10,7 +10,6 @@ unwinds its teardown, and only then SIGKILL.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.helpers import run_quick_bench
+from tests.e2e.helpers import is_number, run_quick_bench
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,10 +29,6 @@ pytestmark = [
 EN_DASH = "\u2013"  # bench/report.py writes it for a missing figure
 MODULE = "bench.controlplane"
 TIMEOUT_S = 600
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def assert_numbers(case: dict[str, Any], *paths: str) -> None:

@@ -260,3 +260,32 @@ def test_an_outside_flush_is_noticed_by_the_cheap_check(rig):
     assert not rig.applier.jumps_in_place()
     rig.applier.apply(compiled(), full=True)
     assert rig.applier.jumps_in_place()
+
+
+def test_a_full_apply_of_an_unchanged_kernel_writes_nothing(rig):
+    rig.applier.apply(compiled(), full=True)
+    before, commits = rig.state(), rig.iptables.commits
+    stats = rig.applier.apply(compiled(), full=True)
+    assert rig.state() == before
+    assert rig.iptables.commits == commits
+    assert (stats.chains_written, stats.chains_deleted, stats.sets_written) == (0, 0, 0)
+
+
+def test_a_rule_edited_from_outside_is_repaired_by_a_full_apply_and_only_its_chain(rig):
+    rig.applier.apply(compiled(), full=True)
+    chain = profile_chain("web", "inbound")
+    first = rig.iptables.rules(chain)[0]
+    rig.iptables.command(f"-D {chain} {first}")
+    rig.iptables.command(f"-A {chain} {first}")  # same rules, another order
+    stats = rig.applier.apply(compiled(), full=True)
+    assert rig.iptables.rules(chain) == list(compiled().chains[chain])
+    assert stats.chains_written == 1
+
+
+def test_an_ipset_member_changed_from_outside_is_repaired_by_a_full_apply(rig):
+    rig.applier.apply(compiled(), full=True)
+    rig.ipsets.restore(f"add {tag_ipset('web')} 10.9.9.9\ndel {tag_ipset('db')} 10.0.0.2\n")
+    stats = rig.applier.apply(compiled(), full=True)
+    assert rig.ipsets.members(tag_ipset("web")) == {"10.0.0.1"}
+    assert rig.ipsets.members(tag_ipset("db")) == {"10.0.0.2"}
+    assert stats.sets_written == 2
