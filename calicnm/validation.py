@@ -117,7 +117,10 @@ def check_object(value: Any, what: str, known: tuple[str, ...]) -> dict[str, Any
 
 
 def check_utf8(text: str, what: str) -> str:
-    """Text that was decoded from valid UTF-8 (no escaped stray bytes)."""
-    if any("\udc80" <= c <= "\udcff" for c in text):
-        raise InvalidRequest(f"{what} is not valid UTF-8")
+    """Text that was decoded from valid UTF-8 (no escaped stray bytes, nor
+    any other lone surrogate, which UTF-8 cannot hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8") from None
     return text

@@ -43,7 +43,17 @@ GRPC_OPTIONS = [
     # once without trying).
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Listings are paged (``PAGE_KEYS``), but one page of large records
+    # (profiles of many rules) may still pass gRPC's default 4 MiB.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+PAGE_KEYS = 500
+"""Keys per range request of a listing.  One request for a whole prefix
+fails past gRPC's message limit (``/hosts/`` of about 9,000 endpoints) and
+makes etcd build the whole answer at once; pages of a pinned revision do
+neither and still read one consistent revision."""
+MAX_PAGES = 100_000
+"""Bound on the pages of one listing (50 million keys)."""
 REQUIRE_LEADER = ("hasleader", "true")
 """Watch-stream metadata: etcd cancels the stream ("no leader") when its member
 loses the leader, instead of keeping a watch open that can never deliver."""
@@ -249,31 +259,26 @@ class EtcdStore:
         return KV(key, _text(value), meta.mod_revision)
 
     def list(self, prefix: str) -> list[KV]:
-        items = self._call(lambda c: list(c.get_prefix(prefix, sort_order="ascend")))
-        return [
-            KV(
-                m.key.decode(errors="surrogateescape"),
-                v.decode(errors="surrogateescape"),
-                m.mod_revision,
-            )
-            for v, m in items
-        ]
+        return self.list_at(prefix)[0]
 
     def list_at(self, prefix: str) -> tuple[builtins.list[KV], int]:
-        """The keys under ``prefix`` and the revision of that read (one range
-        request; the response header carries the revision)."""
+        """The keys under ``prefix`` in key order, and the revision they were
+        read at: pages of ``PAGE_KEYS`` keys, all read at the revision of the
+        first.  If etcd compacts that revision away between pages, the read
+        starts over (twice at most)."""
 
         def read(c: Any) -> tuple[builtins.list[KV], int]:
-            response = c.get_prefix_response(prefix, sort_order="ascend")
-            kvs = [
-                KV(
-                    kv.key.decode(errors="surrogateescape"),
-                    kv.value.decode(errors="surrogateescape"),
-                    kv.mod_revision,
-                )
-                for kv in response.kvs
-            ]
-            return kvs, int(response.header.revision)
+            import grpc
+
+            for _attempt in range(3):
+                try:
+                    return _read_pages(c, prefix)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.OUT_OF_RANGE:
+                        raise
+            raise DatastoreUnavailable(
+                f"etcd compacted the history of {prefix} faster than it could be read"
+            )
 
         return self._call(read)
 
@@ -573,6 +578,38 @@ def _applied_revision(c: Any, txn: Txn, now: dict[str, Any], header: int) -> int
         return 0
     _log.info("an etcd txn whose answer was lost had been applied at revision %d", candidate)
     return candidate
+
+
+def _read_pages(c: Any, prefix: str) -> tuple[list[KV], int]:
+    """Every key under ``prefix`` (every key, for ""), page by page at the
+    revision of the first page.  Raises what gRPC raises."""
+    import etcd3.etcdrpc as etcdrpc
+    import etcd3.utils as utils
+
+    start = prefix.encode("utf-8", "surrogateescape")
+    end = utils.increment_last_byte(start) if start else b"\0"
+    found: list[KV] = []
+    revision = 0
+    key = start or b"\0"
+    for _page in range(MAX_PAGES):
+        request = etcdrpc.RangeRequest(key=key, range_end=end, limit=PAGE_KEYS, revision=revision)
+        response = c.kvstub.Range(
+            request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+        )
+        if not revision:
+            revision = int(response.header.revision)
+        found.extend(
+            KV(
+                kv.key.decode(errors="surrogateescape"),
+                kv.value.decode(errors="surrogateescape"),
+                kv.mod_revision,
+            )
+            for kv in response.kvs
+        )
+        if not response.more or not response.kvs:
+            return found, revision
+        key = response.kvs[-1].key + b"\0"
+    raise DatastoreUnavailable(f"listing {prefix} took more than {MAX_PAGES} pages")
 
 
 def _range_at(c: Any, key: str, revision: int) -> Any:

@@ -182,3 +182,23 @@ def test_a_consumer_that_fails_ends_its_stream(etcd_store: EtcdStore) -> None:
         converge(mirror, lambda: mirror.view().list(PREFIX) == etcd_store.list(PREFIX))
     finally:
         mirror.stop()
+
+
+def test_a_listing_past_grpcs_message_limit_is_read_in_pages_at_one_revision(
+    etcd_store: EtcdStore,
+) -> None:
+    """About 6 MiB under one prefix (one range answer would pass gRPC's 4 MiB): the
+    listing comes back whole, in key order, at the revision of its first page."""
+    filler = "x" * 640
+    for batch in range(95):
+        etcd_store.commit(
+            Txn(
+                puts=[(f"{PREFIX}hosts/h{batch:03d}/endpoints/{n:04d}", filler) for n in range(100)]
+            )
+        )
+    kvs, revision = etcd_store.list_at(PREFIX + "hosts/")
+    assert len(kvs) == 9500
+    assert [kv.key for kv in kvs] == sorted(kv.key for kv in kvs)
+    assert revision == max(kv.revision for kv in kvs)
+    assert len(etcd_store.list(PREFIX + "hosts/h050/")) == 100
+    assert etcd_store.list(PREFIX + "nothing/") == []
