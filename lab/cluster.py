@@ -91,13 +91,18 @@ class CalicnmHost(Managed):
     def socket(self) -> Path:
         return Path(self.dockerd.plugins_dir) / "calicnm.sock"
 
+    @property
+    def docker_socket(self) -> Path:
+        """The Docker API socket the node is given as ``DOCKER_HOST``."""
+        return self.dockerd.sock
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "CALICNM"))}
         env.update(
             CALICNM_HOSTNAME=self.hostname,
             CALICNM_SOCKET=str(self.socket),
             CALICNM_STATE_DIR=str(self.state_dir),
-            DOCKER_HOST=f"unix://{self.dockerd.sock}",
+            DOCKER_HOST=f"unix://{self.docker_socket}",
         )
         if self.node_settings == "test":
             env.update(
