@@ -323,7 +323,10 @@ def route_phase(load: Load, params: Params, pool: ThreadPoolExecutor) -> Json:
         key = _proc_key(block)
         others = [h for i, h in enumerate(hosts) if i != index]
         t0 = time.monotonic()
-        load.create(index, address, removable=False)
+        error = _try(functools.partial(load.create, index, address, False))
+        if error:
+            load.failures.append(error)
+            continue
         times = wait_everywhere(others, t0, functools.partial(_has_route, key))
         if times is None:
             timeouts += 1
@@ -753,7 +756,9 @@ def write_report(out: Path, params: Params, runs: list[Json]) -> None:
                 + (
                     f"error: {r['error']}"
                     if "error" in r
-                    else f"start {r['start_s']:.0f} s, BGP up after {r['bgp_s']:.0f} s "
+                    else f"start {r['start_s']:.0f} s "
+                    f"({r['started'].get('node_restarts_at_start', 0)} nodes started again), "
+                    f"BGP up after {r['bgp_s']:.0f} s "
                     f"({'all' if r['bgp_established'] else 'NOT all'} sessions), "
                     f"{r['churn']['changes']} changes in churn, {r['failure_count']} failed calls, "
                     f"total {r['total_s']:.0f} s"
