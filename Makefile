@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: deps run test unit lint bench soak install-systemd image plugin clean
+.PHONY: deps run test unit lint bench soak scale install-systemd image plugin clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ SOAK_MINUTES ?= 30
 soak: deps
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --fault-every 30 \
 		--out bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-soak
+
+# A simulated cluster of N = 10, 25 and 50 docker-less hosts (real nodes and BIRD in
+# namespaces, one etcd), full mesh and route reflector: etcd and agent cost at idle and
+# per change, convergence times, memory; report and charts in
+# bench/results/<UTC time>-scale/ (about 30 min).  Prints figures; never fails on a number.
+scale: deps
+	$(PY) -m bench.scale --out bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-scale
 
 # systemd units for the node and a route reflector, and an example settings file
 # (kept if one exists).  DESTDIR installs under another root (for packaging).

@@ -91,13 +91,18 @@ class CalicnmHost(Managed):
     def socket(self) -> Path:
         return Path(self.dockerd.plugins_dir) / "calicnm.sock"
 
+    @property
+    def docker_socket(self) -> Path:
+        """The Docker API socket the node is given as ``DOCKER_HOST``."""
+        return self.dockerd.sock
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "CALICNM"))}
         env.update(
             CALICNM_HOSTNAME=self.hostname,
             CALICNM_SOCKET=str(self.socket),
             CALICNM_STATE_DIR=str(self.state_dir),
-            DOCKER_HOST=f"unix://{self.dockerd.sock}",
+            DOCKER_HOST=f"unix://{self.docker_socket}",
         )
         if self.node_settings == "test":
             env.update(
@@ -113,14 +118,23 @@ class CalicnmHost(Managed):
         env.update(self.extra_env)
         return env
 
+    node_start_timeout = 60.0
+    """How long :meth:`start_node` waits for the plugin to answer."""
+
     def start_node(self) -> None:
+        """Start the node; wait (at most :attr:`node_start_timeout`) until its plugin
+        answers.  Raises ``AssertionError`` if it exits first or does not answer in time."""
         self.node = self.netns.process(
             [CALICNM, "node", "run", "--ip", self.address],
             self.workdir / "node.log",
             env=self.env(),
         ).start()
         node = self.node
-        wait_until(lambda: self.answering() or not node.is_running(), 60, "plugin socket")
+        wait_until(
+            lambda: self.answering() or not node.is_running(),
+            self.node_start_timeout,
+            "plugin socket",
+        )
         if not node.is_running():
             raise AssertionError(f"node exited at start:\n{node.log_tail(40)}")
 

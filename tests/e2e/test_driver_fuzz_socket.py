@@ -49,13 +49,11 @@ a real node takes minutes), a timeout on every call and command.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +69,7 @@ from calicnm.plugin_api import CONTENT_TYPE
 from calicnm.store import keys, records
 from calicnm.wiring import EMBEDDED_ETCD_URL
 from lab.cluster import CalicnmHost, single_host
+from lab.plugin_client import UnixHTTPConnection
 from tests.unit.test_driver_fuzz import POOLS, DriverFuzz, State
 
 HOSTNAME = "host1"
@@ -113,27 +112,9 @@ SETTINGS = settings(
 )
 
 
-class UnixConnection(http.client.HTTPConnection):
-    """HTTP on the plugin's unix socket, as dockerd talks to it."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("plugin.moby.localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def post(path: Path, method: str, data: bytes) -> tuple[int, Any]:
     """One call: the HTTP status and the decoded JSON answer."""
-    conn = UnixConnection(str(path), CALL_TIMEOUT)
+    conn = UnixHTTPConnection(str(path), CALL_TIMEOUT)
     try:
         # As dockerd: no Content-Type.
         conn.request("POST", f"/{method}", body=data, headers={"Accept": CONTENT_TYPE})
