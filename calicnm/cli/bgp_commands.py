@@ -230,7 +230,10 @@ def cmd_route_reflector_run(ctx: Context) -> int:
     setup_logging(ctx.config.log_level)
     ip = str(Peer.parse(ctx.args.ip, str(DEFAULT_AS)).ip)
     as_num = check_as(ctx.args.as_num) if ctx.args.as_num else None
-    return reflector.run(ctx.store, ip, as_num, ctx.args.cluster_id or ip, ctx.config.state_dir)
+    store = ctx.store
+    return reflector.run(
+        store, ip, as_num, ctx.args.cluster_id or ip, ctx.config.state_dir, changes=store
+    )
 
 
 def _peer_commands(parent: Any, leaf: Leaf, scope: str) -> None:

@@ -167,10 +167,6 @@ class Agent:
             self._on_pass(time.monotonic() - started, ok)
 
     def _reconcile(self, full: bool) -> bool:
-        # The datastore must be the one this host serves, before and after
-        # the read: an empty or foreign etcd is never taken as the truth.
-        if self._guard is not None:
-            self._guard.check()
         self._refresh_index()
         index = self._index
         if full and not index.consistent():
@@ -228,8 +224,13 @@ class Agent:
         the copy's changes since the last pass while the stream runs (none at
         all for a drift repair with nothing new), or the whole copy after the
         index was last filled from etcd; a read of etcd itself while the copy
-        is not current (checked against the datastore guard once more after
-        the read).  A report that arrives meanwhile wakes the next pass."""
+        is not current.  A report that arrives meanwhile wakes the next pass.
+
+        The datastore must be the one this host serves (``DatastoreGuard``):
+        an empty or foreign etcd is never taken as the truth.  The copy's
+        cluster id is checked once its changes are taken (it is as new as
+        they are, or newer; no etcd read); etcd's before and after reading
+        it.  A failed check raises before anything reaches the kernel."""
         mirror = self._mirror
         if self._watch_ok and mirror is not None and mirror.fresh:
             delta = mirror.take_delta(whole=self._index_from_store)
@@ -239,7 +240,11 @@ class Agent:
             else:
                 self._index.apply(delta.changes)
             self._index_from_store = False
+            if self._guard is not None:
+                self._guard.check(mirror)
             return
+        if self._guard is not None:
+            self._guard.check()
         kvs = agent_kvs(self._store)
         if self._guard is not None:
             self._guard.check()

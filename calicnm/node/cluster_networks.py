@@ -6,7 +6,9 @@ driver and IPAM driver calicnm, on its own dockerd: it creates the ones
 missing (a host that joins later gets them all on its first sync), and when
 a definition is removed it removes its Docker network once no container uses
 it.  It does so from its own thread, off Docker's call path, woken by an etcd
-watch on the definitions and at least every ``SYNC_SECONDS``.
+watch on the definitions and at least every ``SYNC_SECONDS``.  Those
+periodic syncs check Docker against the definitions the last watch event
+made it read: an idle cluster costs etcd nothing.
 
 Each node reports per network (``model.HostNetworkState`` under its host key,
 written only when it changes): ``present``; ``in-use`` (removed from the
@@ -83,12 +85,21 @@ class ClusterNetworkSync:
         self._host = host
         self._docker = docker
         self._driver = driver
+        self._defined: dict[str, ClusterNetwork] | None = None
+        self._reported: dict[str, HostNetworkState] | None = None
 
-    def sync(self) -> None:
+    def sync(self, reread: bool = True) -> None:
         """One pass: make the Docker networks equal to the definitions.
-        Raises ``CalicnmError`` for etcd, and Docker's errors when it does
-        not answer (the caller retries later)."""
-        defined = records.cluster_networks(self._store)
+        ``reread=False`` uses the definitions and this host's reports as the
+        last pass read and wrote them (``run`` does so while its watch on the
+        definitions runs and reported nothing), so a pass that only checks
+        Docker costs etcd nothing.  Raises ``CalicnmError`` for etcd, and
+        Docker's errors when it does not answer (the caller retries later)."""
+        if reread or self._defined is None:
+            self._defined = None
+            self._reported = None
+            self._defined = records.cluster_networks(self._store)
+        defined = self._defined
         present = self._docker.networks()
         states: dict[str, tuple[str, str]] = {}
         for name, network in sorted(defined.items()):
@@ -122,23 +133,31 @@ class ClusterNetworkSync:
         self._publish(states)
 
     def _publish(self, states: dict[str, tuple[str, str]]) -> None:
-        reported = {s.name: s for s in records.host_network_states(self._store, self._host)}
+        if self._reported is None:
+            found = records.host_network_states(self._store, self._host)
+            self._reported = {s.name: s for s in found}
+        reported = self._reported
         for name, (state, detail) in states.items():
             new = HostNetworkState(name, self._host, state, detail[:512])
             if reported.get(name) != new:
                 self._store.put(keys.host_network_state(self._host, name), new.to_json())
+                reported[name] = new
         for name in reported.keys() - states.keys():
             self._store.delete(keys.host_network_state(self._host, name))
+            del reported[name]
 
     def run(self, stop: threading.Event, watch: Any) -> None:
         """Sync now, on every change of the definitions, and every
         ``SYNC_SECONDS``, until ``stop``.  Never raises."""
         wake = threading.Event()
         broken = threading.Event()
+        changed = threading.Event()
+        changed.set()  # the first sync reads the definitions
 
         def notify(ok: bool) -> None:
             if not ok:
                 broken.set()
+            changed.set()
             wake.set()
 
         cancel = None
@@ -153,11 +172,16 @@ class ClusterNetworkSync:
                 except CalicnmError as exc:
                     _log.debug("cluster networks: no watch yet: %s", exc)
             wake.clear()
+            # Read etcd only when the watch reported something or is not
+            # running; otherwise the pass checks Docker against what it knows.
+            reread = changed.is_set() or cancel is None
+            changed.clear()
             try:
-                self.sync()
+                self.sync(reread=reread)
             except UNREACHABLE as exc:
                 _log.debug("cluster networks: Docker does not answer: %s", exc)
             except CalicnmError as exc:
+                changed.set()  # read everything again next time
                 _log.warning("cluster networks: sync skipped: %s", exc)
             except Exception:  # the thread must outlive any one sync
                 _log.exception("cluster networks: sync failed unexpectedly")

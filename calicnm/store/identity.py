@@ -18,10 +18,11 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from calicnm.errors import ForeignDatastore
 from calicnm.store import keys
-from calicnm.store.kv import Store, create
+from calicnm.store.kv import KV, Store, create
 
 _ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -34,7 +35,13 @@ def is_cluster_id(text: str | None) -> bool:
     return text is not None and _ID_RE.match(text) is not None
 
 
-def read_cluster_id(store: Store) -> str | None:
+class KeyGetter(Protocol):
+    """Anything that reads one key: a ``Store``, or the agent's in-memory copy."""
+
+    def get(self, key: str) -> KV | None: ...
+
+
+def read_cluster_id(store: KeyGetter) -> str | None:
     """The datastore's id; None when it has none (or an invalid one)."""
     kv = store.get(keys.CLUSTER_ID)
     value = kv.value if kv is not None else None
@@ -71,11 +78,13 @@ class DatastoreGuard:
         self._clock = clock
         self._good_until = 0.0
 
-    def check(self) -> None:
+    def check(self, source: KeyGetter | None = None) -> None:
+        """``source``: where to read the id instead of the store (the agent's
+        in-memory copy, whose id belongs to the records it is applying)."""
         now = self._clock()
         if now < self._good_until:
             return
-        found = read_cluster_id(self._store)
+        found = read_cluster_id(source if source is not None else self._store)
         if found != self._expected:
             raise ForeignDatastore(
                 f"the datastore is not the one this host served (cluster id "

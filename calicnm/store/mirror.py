@@ -101,6 +101,11 @@ class PrefixMirror:
         with self._lock:
             return self._loaded and self._live
 
+    def get(self, key: str) -> KV | None:
+        """One key of the copy as it is now."""
+        with self._lock:
+            return self._items.get(key)
+
     def view(self) -> MirrorView:
         """The copy as it is now, frozen."""
         with self._lock:

@@ -40,7 +40,7 @@ from calicnm.model import (
 )
 from calicnm.policy import Profile
 from calicnm.store import keys
-from calicnm.store.kv import KV, Reader, Store
+from calicnm.store.kv import KV, Reader
 from calicnm.validation import check_host_ip, check_hostname, check_utf8
 
 _log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ def host_counts(store: Reader) -> dict[str, int]:
 
 
 def scan(
-    store: Store, prefix: str, kind: str, decode: Callable[[KV], T]
+    store: Reader, prefix: str, kind: str, decode: Callable[[KV], T]
 ) -> tuple[list[T], dict[str, str]]:
     """Every valid record of ``kind`` under ``prefix``, and the invalid ones
     by key with the reason: for long-running readers that must keep serving

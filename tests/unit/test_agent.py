@@ -370,3 +370,34 @@ def test_the_decoded_view_is_offered_only_while_it_is_current(rig):
     rig.store.down = True  # the stream ends
     rig.store.down = False
     assert rig.agent.decoded_view() is None
+
+
+def test_a_wiped_datastore_seen_through_the_stream_leaves_the_kernel_alone(rig):
+    """The guard reads the cluster id from the in-memory copy (no etcd read): when
+    the stream brings the deletion of everything, the pass fails before any of it
+    reaches the kernel."""
+    from calicnm.errors import ForeignDatastore
+    from calicnm.store.identity import DatastoreGuard
+
+    cluster_id = "c" * 32
+    rig.store.put(keys.CLUSTER_ID, cluster_id)
+    rig.agent = Agent(
+        rig.store,
+        "h1",
+        PolicyApplier(rig.iptables, rig.ipsets),
+        rig.routes,
+        Markers(rig.marker_dir),
+        guard=DatastoreGuard(rig.store, cluster_id, ttl=0.0),
+    )
+    rig.add(EP1, "10.0.0.1")
+    assert rig.agent.follow(rig.store)
+    rig.agent.reconcile()
+    before = rig.kernel()
+    reads = rig.store.reads
+    rig.agent.reconcile()
+    assert rig.store.reads == reads, "the guard read the copy, not etcd"
+    for kv in rig.store.list(keys.ROOT + "/"):
+        rig.store.delete(kv.key)
+    with pytest.raises(ForeignDatastore):
+        rig.agent.reconcile()
+    assert rig.kernel() == before

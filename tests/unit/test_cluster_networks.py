@@ -132,3 +132,20 @@ def test_a_definition_refuses_bad_values():
         )
     with pytest.raises(InvalidRequest):
         ClusterNetwork.from_json('{"name": "n", "subnet": "10.8.0.1/24"}')
+
+
+def test_a_sync_without_news_checks_docker_and_costs_etcd_nothing(world):
+    """The periodic sync while the watch reports nothing: a network removed from
+    Docker by hand comes back, and etcd is neither read nor written."""
+    store, docker, sync = world
+    define(store, ClusterNetwork("dataman"))
+    sync.sync()
+    reads, revision = store.reads, store.list_at("")[1]
+    reads = store.reads
+    docker.nets.clear()  # removed behind calicnm's back
+    sync.sync(reread=False)
+    assert list(docker.nets) == ["dataman"]
+    assert store.reads == reads and store.list_at("")[1] == revision
+    store.delete(keys.cluster_network("dataman"))
+    sync.sync()  # a watch event: read again
+    assert docker.nets == {} and states(store) == {}

@@ -76,3 +76,31 @@ def test_an_invalid_host_record_is_skipped_and_the_others_stay_clients():
     assert bird.config is not None
     assert "neighbor 198.18.0.2" in bird.config
     assert "neighbor 1;" not in bird.config and bird.config.count("neighbor ") == 1
+
+
+def test_the_loop_follows_changes_and_only_hosts_pools_and_settings_make_a_pass():
+    """Through the change stream: an endpoint created anywhere costs the reflector
+    no pass and no read; a new host is configured at the next round; idle rounds
+    read nothing."""
+    from calicnm.routing.reflector import RESYNC_SECONDS, ReflectorLoop
+
+    store, bird = MemoryStore(), FakeBird()
+    register(store, Host("a", "198.18.0.2"))
+    loop = ReflectorLoop(store, bird, RR, None, RR, changes=store)
+    wait = loop.step()
+    assert loop.passes == 1 and "198.18.0.2" in (bird.config or "")
+    assert 0 < wait <= RESYNC_SECONDS
+    reads = store.reads
+    store.put(keys.endpoint("a", "1" * 64), "{}")  # not the reflector's business
+    loop.step()
+    assert loop.passes == 1 and store.reads == reads
+    register(store, Host("b", "198.18.0.3"))
+    assert loop.woken.is_set()
+    loop.step()
+    assert loop.passes == 2 and "198.18.0.3" in (bird.config or "")
+    assert store.reads == reads, "the pass read the in-memory copy"
+    store.down = True  # the stream ends: rounds read etcd (and fail) every second
+    assert loop.step() == 1.0
+    store.down = False
+    loop.step()
+    assert loop.passes == 3
