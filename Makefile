@@ -58,10 +58,15 @@ soak: deps
 
 # A simulated cluster of N = 10, 25 and 50 docker-less hosts (real nodes and BIRD in
 # namespaces, one etcd), full mesh and route reflector: etcd and agent cost at idle and
-# per change, convergence times, memory; report and charts in
-# bench/results/<UTC time>-scale/ (about 30 min).  Prints figures; never fails on a number.
+# per change, convergence times, memory; then the agent's calculation per change against
+# cluster size (to 100,000 endpoints), and policy at size on one host (qperf with 10,000
+# endpoints of policy, memory at 1,000 and 10,000 local endpoints, full resync).  Reports
+# and charts in bench/results/<UTC time>-scale/ (about 45 min).  Prints figures; never
+# fails on a number.
 scale: deps
-	$(PY) -m bench.scale --out bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-scale
+	out=bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-scale; \
+	$(PY) -m bench.scale --out $$out && $(PY) -m bench.agent_cost --out $$out && \
+	$(PY) -m bench.policy_at_size --out $$out && echo "report: $$out"
 
 # systemd units for the node and a route reflector, and an example settings file
 # (kept if one exists).  DESTDIR installs under another root (for packaging).
