@@ -262,6 +262,13 @@ class Agent:
             return mirror.view()
         return self._store
 
+    def current_copy(self) -> PrefixMirror | None:
+        """The in-memory copy while its stream keeps it current, else None:
+        for a one-key read (the datastore's cluster id) that need not go to
+        etcd."""
+        mirror = self._mirror
+        return mirror if self._watch_ok and mirror is not None and mirror.fresh else None
+
     def decoded_view(self) -> Snapshot | None:
         """The cluster as the last completed pass decoded it, for another
         reader on this host (the ownership collector): only while it is as

@@ -321,13 +321,15 @@ class Node:
         self._start_plugin()
         if metrics is not None and config.metrics_address:
             metrics.serve(config.metrics_address)
+        agent = self._agent
+        sweep_guard = DatastoreGuard(store, cluster_id, ttl=0.0)
         self._collector = OwnershipCollector(
             store,
             config.hostname,
             HostPlumbing(),
             DockerAPI(config.docker_host),
             pending_max_age=config.pending_max_age_seconds,
-            guard=DatastoreGuard(store, cluster_id, ttl=0.0).check,
+            guard=lambda: sweep_guard.check(agent.current_copy()),
             busy=InFlight(config.in_flight_dir).active,
             reader=self._agent.datastore_reader,
             decoded=self._agent.decoded_view,
@@ -465,20 +467,24 @@ class Node:
 
     def _refresh_host_record(self, store: EtcdStore) -> None:
         """Register this host again only when its stored record differs from
-        what it is now (a new address, a new AS, a removed record).  The
-        stored record is taken from the agent's decoded view of the cluster
-        while that is current, so at idle this reads nothing from etcd and
-        writes nothing: no revision that every other host's agent would have
-        to see.  Without a current view it reads the one key."""
-        host = Host(self.config.hostname, self._host_ip(), self.config.as_number)
+        what it is now (a removed record, a new AS; its address is the one
+        stored, else the configured one).  The stored record is taken from
+        the agent's decoded view of the cluster while that is current, so at
+        idle this reads nothing from etcd and writes nothing: no revision
+        that every other host's agent would have to see.  Without a current
+        view it reads the one key."""
+        name = self.config.hostname
         view = self._agent.decoded_view() if self._agent is not None else None
+        stored: Host | None
         if view is not None:
-            stored = next((h for h in view.hosts if h.name == host.name), None)
+            stored = next((h for h in view.hosts if h.name == name), None)
         else:
             try:
-                stored = records.host(store, host.name)
+                stored = records.host(store, name)
             except InvalidRequest:
                 stored = None  # malformed: replaced by a valid one
+        ip = stored.ip if stored is not None else self.config.ip
+        host = Host(name, ip, self.config.as_number)
         if stored != host and register_host(store, host):
             _log.info("host record updated name=%s ip=%s", host.name, host.ip)
 
@@ -508,12 +514,6 @@ class Node:
             except CalicnmError as exc:
                 _log.debug("metrics: BIRD not read: %s", exc)
         return figures
-
-    def _host_ip(self) -> str | None:
-        if self._store is None:
-            return self.config.ip
-        me = records.host(self._store, self.config.hostname)
-        return me.ip if me else self.config.ip
 
     def _shutdown(self) -> None:
         self._stop.set()
