@@ -51,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -872,7 +873,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Json] = []
     for topology in params.topologies:
         for n in params.sizes:
-            workdir = out / "work" / f"{topology}-{n}"
+            # A short path: BIRD's control socket lives in each host's state directory,
+            # and a unix socket path must fit in 107 bytes (a long --out would not).
+            workdir = Path(tempfile.mkdtemp(prefix=f"cnms-{topology}{n}-"))
             try:
                 runs.append(run_one(n, topology, params, workdir))
                 shutil.rmtree(workdir, ignore_errors=True)  # etcd's data and node logs

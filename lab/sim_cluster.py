@@ -238,10 +238,13 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def process_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot), None if it is gone: with its pid
-    this names one process, even after the pid is reused."""
+    """When ``pid`` started (clock ticks after boot), None if it is gone or has exited
+    and only waits to be reaped (a zombie, whose parent may be a slow init): with its
+    pid this names one running process, even after the pid is reused."""
     fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def proc_tree_cpu(pids: list[int]) -> float:

@@ -221,6 +221,11 @@ class MemoryStore:
                 or (c.revision == self._compacted and c.value is not None)
             ]
 
+    def current_revision(self) -> int:
+        self._check()
+        with self._lock:
+            return self._revision
+
     def list_at(self, prefix: str) -> tuple[list[KV], int]:
         self._check()
         with self._lock:

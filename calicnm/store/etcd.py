@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from calicnm.errors import CalicnmError, DatastoreUnavailable, InvalidRequest, LeaseLost
+from calicnm.store import keys
 from calicnm.store.kv import ABSENT, KV, Change, OnChanges, OnEnd, Txn
 
 _log = logging.getLogger(__name__)
@@ -279,6 +280,20 @@ class EtcdStore:
             raise DatastoreUnavailable(
                 f"etcd compacted the history of {prefix} faster than it could be read"
             )
+
+        return self._call(read)
+
+    def current_revision(self) -> int:
+        """etcd's revision now: a range that counts one key and returns none."""
+        import etcd3.etcdrpc as etcdrpc
+
+        def read(c: Any) -> int:
+            probe = keys.CLUSTER_ID.encode()
+            request = etcdrpc.RangeRequest(key=probe, count_only=True)
+            response = c.kvstub.Range(
+                request, c.timeout, credentials=c.call_credentials, metadata=c.metadata
+            )
+            return int(response.header.revision)
 
         return self._call(read)
 

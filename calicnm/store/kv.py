@@ -94,6 +94,10 @@ class ChangeSource(Protocol):
         """The keys under ``prefix`` and the store's revision they were read at."""
         ...
 
+    def current_revision(self) -> int:
+        """The store's revision now (one cheap read)."""
+        ...
+
     def watch_changes(
         self, prefix: str, after: int, on_changes: OnChanges, on_end: OnEnd
     ) -> Callable[[], None]:

@@ -17,7 +17,9 @@ Invariants:
   is skipped.
 - A stream that ends leaves the copy as it was; ``resume`` starts a new one
   from ``revision`` where etcd still holds that history, and ``reload``
-  reads the prefix anew where it does not (compacted) or when asked.
+  reads the prefix anew where it does not (compacted), where etcd's revision
+  is now below the copy's (etcd was replaced, or restored from a backup: a
+  watch from a future revision would wait silently), or when asked.
 - ``fresh`` is False from the moment a stream ends until the next
   ``resume`` or ``reload`` succeeds: a reader that needs the current
   datastore then reads it itself.
@@ -170,6 +172,14 @@ class PrefixMirror:
         compaction at ``revision + 1`` drops a delete made at that revision,
         yet still accepts a watch from it, which would miss the delete.
         DatastoreUnavailable if the stream broke at once."""
+        if self._loaded and self._source.current_revision() < self._revision:
+            _log.warning(
+                "etcd's revision is below the copy's %d (etcd replaced or restored): "
+                "reading %s anew",
+                self._revision,
+                self._prefix,
+            )
+            return False
         with self._lock:
             after = max(0, self._revision - 1)
             self._live = True

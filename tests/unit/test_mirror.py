@@ -176,3 +176,36 @@ def test_a_compaction_never_goes_back_and_a_restart_after_it_reads_anew() -> Non
     mirror.start()
     assert mirror.fresh and mirror.reloads == 2
     assert mirror.view().list(keys.ROOT + "/") == store.list(keys.ROOT + "/")
+
+
+class _Replaceable:
+    """A change source whose etcd can be swapped for another (restored empty)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def list_at(self, prefix: str):  # type: ignore[no-untyped-def]
+        return self.store.list_at(prefix)
+
+    def current_revision(self) -> int:
+        return self.store.current_revision()
+
+    def watch_changes(self, prefix, after, on_changes, on_end):  # type: ignore[no-untyped-def]
+        return self.store.watch_changes(prefix, after, on_changes, on_end)
+
+
+def test_an_etcd_replaced_by_an_older_one_is_read_anew_not_resumed() -> None:
+    """A watch from a revision etcd has not reached yet would wait silently: a copy
+    whose revision is ahead of etcd's reads the prefix anew."""
+    old = MemoryStore()
+    for i in range(5):
+        old.put(keys.profile(f"p{i}"), Profile.default(f"p{i}").to_json())
+    source = _Replaceable(old)
+    mirror = PrefixMirror(source, keys.ROOT + "/")  # type: ignore[arg-type]
+    mirror.start()
+    assert len(mirror.view().list(keys.PROFILES)) == 5
+    old.down = True  # the stream ends
+    source.store = MemoryStore()  # an empty etcd at the same address
+    mirror.start()
+    assert mirror.fresh and mirror.reloads == 2
+    assert mirror.view().list(keys.ROOT + "/") == []
