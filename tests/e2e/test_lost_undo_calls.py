@@ -84,7 +84,9 @@ def test_dockerd_killed_while_containers_run(tmp_path: Path) -> None:
     with single_host(tmp_path) as host:
         start_workload(host)
         host.dockerd.stop_daemon(sig=signal.SIGKILL)  # its containers die with it
-        assert host.links("cali") == []
+        # Each veth goes when its container's namespace is freed, a moment after the
+        # container's processes are killed.
+        wait_until(lambda: host.links("cali") == [], 30, "the killed containers' veths gone")
         host.dockerd.start_daemon()
         assert_settled(host)
 
