@@ -6,8 +6,10 @@ Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
 
     FORWARD -> calicnm-FORWARD   (also from DOCKER-USER) with a VXLAN pool: packets from
                                  the tunnel whose inner source is a local container or
-                                 not another host's, dropped; then conntrack (INVALID
-                                 drop, ESTABLISHED accept), then
+                                 not another host's, dropped; then conntrack, the hot
+                                 path first (ESTABLISHED accept, then INVALID drop: the
+                                 states exclude each other, so the order changes no
+                                 verdict and an established packet is matched once), then
                                       -i cali+ -> calicnm-FROM-EP (sender's outbound),
                                       -o cali+ -> calicnm-TO-EP   (receiver's inbound),
                                  then accept what both allowed.
@@ -26,6 +28,19 @@ Chains (filter table), all owned by calicnm through the ``calicnm-`` prefix::
 Tags become ``hash:ip`` ipsets holding the addresses of every endpoint on
 any host whose profiles carry the tag, so rules grow with endpoints plus
 rules, never with endpoints times members.
+
+The VXLAN tunnel (raw and filter tables), only while a pool is VXLAN::
+
+    raw PREROUTING -> calicnm-raw-PREROUTING   VXLAN from a registered host: NOTRACK
+    raw OUTPUT     -> calicnm-raw-OUTPUT       VXLAN to a registered host: NOTRACK
+    OUTPUT         -> calicnm-OUTPUT           accept that untracked VXLAN
+    calicnm-INPUT                              accept untracked VXLAN (after the drop
+                                               of VXLAN from anything else)
+
+The outer packets are never tracked: their verdict never depends on state
+(they are accepted from and to registered hosts, dropped from anyone else),
+so tracking them only costs two conntrack lookups per packet on each host.
+The inner packets are tracked and policed as before.
 
 nat-outgoing (nat table), only while at least one pool has it::
 
@@ -57,6 +72,9 @@ from calicnm.policy import PORT_PROTOCOLS, Profile, Rule
 PREFIX = "calicnm-"
 FORWARD = "calicnm-FORWARD"
 INPUT = "calicnm-INPUT"
+OUTPUT = "calicnm-OUTPUT"
+RAW_PREROUTING = "calicnm-raw-PREROUTING"
+RAW_OUTPUT = "calicnm-raw-OUTPUT"
 FROM_EP = "calicnm-FROM-EP"
 TO_EP = "calicnm-TO-EP"
 ACCEPT_MARK = "0x1000000"
@@ -77,12 +95,13 @@ NEVER_MASQUERADED = ("169.254.0.0/16", "127.0.0.0/8")
 HASH_IP = "hash:ip"
 HASH_NET = "hash:net"
 
-JUMPS = (("FORWARD", FORWARD), ("INPUT", INPUT))
+JUMPS = (("FORWARD", FORWARD), ("INPUT", INPUT), ("OUTPUT", OUTPUT))
 """(kernel chain, calicnm chain) pairs: one jump at the top of each."""
 
 TABLE_JUMPS: dict[str, tuple[tuple[str, str], ...]] = {
     "filter": JUMPS,
     "nat": (("POSTROUTING", NAT_POSTROUTING),),
+    "raw": (("PREROUTING", RAW_PREROUTING), ("OUTPUT", RAW_OUTPUT)),
 }
 """Per table, the jumps from kernel chains; a jump exists, as rule 1, while
 its calicnm chain is wanted, and is deleted (before the chain) once it is not."""
@@ -185,9 +204,12 @@ class CompiledPolicy:
     ipsets: dict[str, frozenset[str]] = field(default_factory=dict)
     nat_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ipset_types: dict[str, str] = field(default_factory=dict)
+    raw_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def tables(self) -> dict[str, dict[str, tuple[str, ...]]]:
-        return {"filter": self.chains, "nat": self.nat_chains}
+        """Per table, in the order they are applied: raw last, so the accepts for
+        untracked packets are in place before anything is untracked."""
+        return {"filter": self.chains, "nat": self.nat_chains, "raw": self.raw_chains}
 
     def ipset_type(self, name: str) -> str:
         return self.ipset_types.get(name, HASH_IP)
@@ -246,6 +268,8 @@ def compile_policy(
     profile_cache: dict[tuple[str, str], tuple[Profile, tuple[str, ...], tuple[str, ...]]] = {}
     forward: list[str] = []
     inputs: list[str] = []
+    outputs: list[str] = []
+    raw_chains: dict[str, tuple[str, ...]] = {}
     ipsets: dict[str, frozenset[str]] = {}
     types: dict[str, str] = {}
     if facts.vxlan:
@@ -263,30 +287,48 @@ def compile_policy(
         ipsets[PEER_HOSTS] = frozenset(facts.peer_hosts)
         types[PEER_HOSTS] = HASH_IP
         if facts.vxlan:
-            inputs.append(
-                f"-p udp --dport {VXLAN_PORT} -m set ! --match-set {PEER_HOSTS} src -j DROP"
+            inputs += [
+                f"-p udp --dport {VXLAN_PORT} -m set ! --match-set {PEER_HOSTS} src -j DROP",
+                # The tunnel between registered hosts is not tracked (see the raw
+                # table below), so nothing after this could accept it as
+                # ESTABLISHED: it is accepted here, as Felix does.
+                f"-p udp --dport {VXLAN_PORT} -m conntrack --ctstate UNTRACKED -j ACCEPT",
+            ]
+            raw_chains[RAW_PREROUTING] = (
+                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} src "
+                "-j CT --notrack",
+            )
+            raw_chains[RAW_OUTPUT] = (
+                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} dst "
+                "-j CT --notrack",
+            )
+            outputs.append(
+                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} dst "
+                "-m conntrack --ctstate UNTRACKED -j ACCEPT"
             )
         if facts.ipip:
             inputs.append(f"-p 4 -m set ! --match-set {PEER_HOSTS} src -j DROP")
     forward += [
-        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
-        "-o cali+ -m conntrack --ctstate INVALID -j DROP",
         "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         "-o cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+        "-o cali+ -m conntrack --ctstate INVALID -j DROP",
         f"-i cali+ -j {FROM_EP}",
         f"-o cali+ -j {TO_EP}",
         "-i cali+ -j ACCEPT",
         "-o cali+ -j ACCEPT",
     ]
     inputs += [
-        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
         "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-i cali+ -m conntrack --ctstate INVALID -j DROP",
         # The sender's outbound policy first (it may deny), then the host's
         # own verdict for what policy let through.
         f"-i cali+ -j {FROM_EP}",
         *HOST_ACTION_RULES[facts.endpoint_to_host],
     ]
     chains: dict[str, tuple[str, ...]] = {FORWARD: tuple(forward), INPUT: tuple(inputs)}
+    if outputs:
+        chains[OUTPUT] = tuple(outputs)
     used: set[str] = set()
     ordered = sorted(endpoints, key=lambda e: e.interface)
     for ep in ordered:
@@ -337,7 +379,7 @@ def compile_policy(
             f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
             "-j MASQUERADE",
         )
-    return CompiledPolicy(chains, ipsets, nat_chains, types)
+    return CompiledPolicy(chains, ipsets, nat_chains, types, raw_chains)
 
 
 def _nets(cidrs: Iterable[IPv4Network]) -> frozenset[str]:

@@ -31,7 +31,7 @@ from lab.fabric import Fabric
 from lab.images import DEFAULT_IMAGE
 from lab.netns import Netns
 from lab.paths import CALICNM
-from lab.procs import Cleanup, Managed, Process
+from lab.procs import Cleanup, HarnessError, Managed, Process
 
 __all__ = ["CalicnmHost", "Cluster", "NodeSettings", "cluster", "single_host", "wait_until"]
 
@@ -150,6 +150,12 @@ class CalicnmHost(Managed):
             return False
         finally:
             probe.close()
+
+    def send_node_signal(self, sig: int) -> None:
+        """Signal the node's leader process (the agent runs in it), e.g. SIGSTOP/SIGCONT."""
+        if self.node is None:
+            raise HarnessError(f"{self.hostname}: the node is not running")
+        self.node.send_signal(sig)
 
     def stop_node(self, sig: int = 15) -> int | None:
         if self.node is None:

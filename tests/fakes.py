@@ -447,12 +447,14 @@ class FakeDocker:
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
 }
 """The kernel's own chains of each table FakeIptables models."""
 TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "LOG", "MARK", "CONNMARK", "NFLOG"})
 """Target extensions valid in every table."""
 TABLE_TARGETS: dict[str, frozenset[str]] = {
     "nat": frozenset({"MASQUERADE", "SNAT", "DNAT", "REDIRECT"}),
+    "raw": frozenset({"CT"}),
 }
 MAX_CHAIN_NAME = 28
 IFNAMSIZ = 16
@@ -499,7 +501,7 @@ class FakeIptables(Iptables):
     applied, ``commits`` counts committed transactions.
     """
 
-    def __init__(self, tables: Iterable[str] = ("filter", "nat")) -> None:
+    def __init__(self, tables: Iterable[str] = ("filter", "nat", "raw")) -> None:
         # No super().__init__(): there is no binary to detect.
         self.backend = Backend("fake", "iptables-save", "iptables-restore", "iptables")
         self._timeout = 0.0

@@ -17,6 +17,7 @@ from types import FrameType
 import bench.dataplane
 from bench import report
 from bench.dataplane.cases import SPECS
+from bench.dataplane.cpu_profile import profile_cases
 from bench.dataplane.inventory import collect_interfaces, collect_sysctls, versions
 from bench.dataplane.measure import Run, measure, set_up, short_error, wakeup_calibration
 from bench.dataplane.settings import Settings, cpus, log
@@ -49,6 +50,7 @@ def execute(settings: Settings, workdir: Path, stack: contextlib.ExitStack) -> R
     run.system |= versions(bed)
     t1 = time.monotonic()
     measure(run.cases, settings)
+    run.profiles, run.profile_note = profile_cases(run.cases, settings)
     run.timing = {"setup": t1 - t0, "measurement": time.monotonic() - t1}
     run.measured_at = time.monotonic()
     return run
@@ -66,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="one short iteration per case")
     parser.add_argument("--out", type=Path, help="report directory (bench/results/<UTC time>/)")
-    parser.add_argument("--reps", type=int, help="64 KiB repetitions per case (default 3)")
+    parser.add_argument("--reps", type=int, help="repetitions per case (default 5)")
     parser.add_argument(
         "--pin",
         choices=("same", "split", "off"),
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.timing["total"] = time.monotonic() - started
     write_report(run, out)
     log(f"report in {out}")
-    failed = [c.key for c in run.cases if not c.bw or not c.sweep or c.errors]
+    failed = [c.key for c in run.cases if not c.bw or (c.spec.sweep and not c.sweep) or c.errors]
     if failed or run.errors:
         log(f"incomplete: {', '.join(failed) or 'teardown'}")
         return 1

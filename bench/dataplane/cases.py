@@ -3,11 +3,16 @@ them for the report, in report order."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from bench.dataplane.parts import PARTS, Ends, Part
 from bench.dataplane.places import Iface, Pair, Place, add_veth, container_ifaces
 from bench.dataplane.testbed import VXLAN_POOL, Testbed, host_place
+from calicnm.profiles import FORWARD
 from lab.netns import Netns
 
 __all__ = ["SPECS", "Spec"]
@@ -58,7 +63,7 @@ def build_host_to_host(bed: Testbed) -> Pair:
     return Pair(host_place(a), host_place(b), b.address, ifaces)
 
 
-def build_handbuilt(bed: Testbed) -> Pair:
+def handbuilt_ends(bed: Testbed) -> Ends:
     """calicnm's same-host path by hand, without iptables: per container a veth into a
     "host" namespace that routes (/32 scope link routes, proxy ARP on its side); inside, a
     /32 address, a connected route to 169.254.1.1 and the default route via it.  No
@@ -92,17 +97,66 @@ def build_handbuilt(bed: Testbed) -> Pair:
             ["ip", "route", "add", "default", "via", CALICNM_GATEWAY, "dev", "eth0"],
         )
         ends.append(inner)
-    ifaces = (Iface("client eth0", ends[0], "eth0"), Iface("host side", host, "cali1"))
-    return Pair(ends[0], ends[1], f"{HANDBUILT_NET}.2", ifaces)
+    return Ends(host, ends[0], ends[1])
 
 
-def build_calicnm_same_host(bed: Testbed) -> Pair:
-    """Two containers on host A's dockerd, on a calicnm network (default pool)."""
+def handbuilt_pair(ends: Ends) -> Pair:
+    ifaces = (Iface("client eth0", ends.client, "eth0"), Iface("host side", ends.host, "cali1"))
+    return Pair(ends.client, ends.server, f"{HANDBUILT_NET}.2", ifaces)
+
+
+def build_handbuilt(bed: Testbed) -> Pair:
+    return handbuilt_pair(handbuilt_ends(bed))
+
+
+def part_builder(part: Part) -> Callable[[Testbed], Pair]:
+    """The hand-built path with ``part`` added."""
+
+    def build(bed: Testbed) -> Pair:
+        ends = handbuilt_ends(bed)
+        part.apply(ends)
+        return handbuilt_pair(ends)
+
+    return build
+
+
+def same_host_builder(prefix: str) -> Callable[[Testbed], Pair]:
+    """Two containers (``prefix``1 and 2) on host A's dockerd, on a calicnm network in the
+    default pool."""
+
+    def build(bed: Testbed) -> Pair:
+        a, _ = bed.hosts()
+        bed.calicnm_network(a, "bench")
+        client, _ = bed.container(a, f"{prefix}1", "bench")
+        server, address = bed.container(a, f"{prefix}2", "bench")
+        return Pair(client, server, address, tuple(container_ifaces(client, host_place(a))))
+
+    return build
+
+
+@contextlib.contextmanager
+def policy_off(bed: Testbed) -> Iterator[None]:
+    """While measuring: host A's node paused (SIGSTOP, so its agent cannot put anything
+    back) and calicnm's FORWARD jumps replaced by plain accepts for cali interfaces.
+    Connection tracking stays on, as dockerd's nat table keeps it on any Docker host.
+    Afterwards the jumps go back to the top and the node resumes; its agent checks its
+    jumps twice a second and repairs anything else."""
     a, _ = bed.hosts()
-    bed.calicnm_network(a, "bench")
-    client, _ = bed.container(a, "same1", "bench")
-    server, address = bed.container(a, "same2", "bench")
-    return Pair(client, server, address, tuple(container_ifaces(client, host_place(a))))
+    host = host_place(a)
+    jumps = [("FORWARD", FORWARD), ("DOCKER-USER", FORWARD)]
+    a.send_node_signal(signal.SIGSTOP)
+    try:
+        for parent, chain in jumps:
+            host.run(["iptables", "-D", parent, "-j", chain], check=False)
+        for flag in ("-o", "-i"):
+            host.run(["iptables", "-I", "FORWARD", "1", flag, "cali+", "-j", "ACCEPT"])
+        yield
+    finally:
+        for flag in ("-o", "-i"):
+            host.run(["iptables", "-D", "FORWARD", flag, "cali+", "-j", "ACCEPT"], check=False)
+        for parent, chain in jumps:
+            host.run(["iptables", "-I", parent, "1", "-j", chain], check=False)
+        a.send_node_signal(signal.SIGCONT)
 
 
 def build_calicnm_routed(bed: Testbed) -> Pair:
@@ -217,6 +271,10 @@ class Spec:
     path: str
     """What the packets cross, for the report."""
     build: Callable[[Testbed], Pair]
+    around: Callable[[Testbed], AbstractContextManager[None]] | None = None
+    """What to hold while the case is measured (and only then), e.g. policy switched off."""
+    sweep: bool = True
+    """Whether the case gets a message-size sweep (the breakdown's parts do not)."""
 
 
 SPECS: tuple[Spec, ...] = (
@@ -236,12 +294,31 @@ SPECS: tuple[Spec, ...] = (
         "ns - veth - routing host ns (/32 routes, proxy ARP, no iptables) - veth - ns",
         build_handbuilt,
     ),
+    *(
+        Spec(
+            f"part-{part.key}",
+            f"hand-built {part.title}",
+            "breakdown",
+            part.what,
+            part_builder(part),
+            sweep=False,
+        )
+        for part in PARTS
+    ),
     Spec(
         "calicnm-same",
         "calicnm, same host",
         "calicnm",
         "container - veth - host A (routing, calicnm + Docker iptables) - veth - container",
-        build_calicnm_same_host,
+        same_host_builder("same"),
+    ),
+    Spec(
+        "calicnm-same-nopolicy",
+        "calicnm, same host, policy off",
+        "calicnm",
+        "as calicnm, same host, with calicnm's chains unhooked while measuring",
+        same_host_builder("off"),
+        around=policy_off,
     ),
     Spec(
         "calicnm-routed",

@@ -3,15 +3,21 @@ each; a failure is recorded on its case (or on the :class:`Run`) and the others 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.dataplane.cases import Spec
 from bench.dataplane.places import Pair, Place
 from bench.dataplane.qperf import Sample, run_qperf, wait_reachable
-from bench.dataplane.settings import FIXED_SIZE, Settings, cpus, log
+from bench.dataplane.settings import FIXED_BYTES, FIXED_SIZE, Settings, cpus, log
 from bench.dataplane.testbed import Testbed
 from bench.dataplane.units import MICRO_S, gbit, usec
+
+if TYPE_CHECKING:
+    from bench.dataplane.cpu_profile import Profile
 
 __all__ = ["Case", "Run", "measure", "set_up", "short_error", "wakeup_calibration"]
 
@@ -26,6 +32,10 @@ class Case:
     """tcp_bw at 64 KiB per repetition, bytes/s."""
     lat: list[float] = field(default_factory=list)
     """tcp_lat at 64 KiB per repetition, seconds (one way)."""
+    lat1: list[float] = field(default_factory=list)
+    """tcp_lat at 1 B per repetition, seconds (one way)."""
+    hold: Callable[[], AbstractContextManager[None]] | None = None
+    """What ``spec.around`` holds while the case is measured, bound to the testbed."""
     fixed_raw: list[list[Sample]] = field(default_factory=list)
     sweep: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -54,41 +64,56 @@ def set_up(bed: Testbed, spec: Spec, settings: Settings) -> Case:
         bed.serve(spec.key, pair.server, settings.server_prefix)
         wait_reachable(pair)
         case.pair = pair
+        around = spec.around
+        if around is not None:
+            case.hold = lambda: around(bed)
     except Exception as exc:
         case.errors.append(f"setup: {short_error(exc)}")
         log(f"  {spec.key}: setup failed: {short_error(exc)[:300]}")
     return case
 
 
+def held(case: Case) -> AbstractContextManager[None]:
+    """The case's hold (see ``Spec.around``), or nothing."""
+    return case.hold() if case.hold is not None else contextlib.nullcontext()
+
+
 def measure_fixed(case: Case, settings: Settings) -> None:
-    """One repetition at 64 KiB: tcp_bw then tcp_lat, ``fixed_seconds`` each."""
+    """One repetition: tcp_bw and tcp_lat at 64 KiB, then tcp_lat at 1 B, ``fixed_seconds``
+    each."""
     if case.pair is None:
         return
     opts = ["-m", FIXED_SIZE, "-t", str(settings.fixed_seconds)]
+    small = ["-m", "1", "-t", str(settings.fixed_seconds)]
     try:
         timeout = 4 * settings.fixed_seconds + 30
-        samples = run_qperf(case.pair, opts, timeout, settings.client_prefix)
+        with held(case):
+            samples = run_qperf(case.pair, opts, timeout, settings.client_prefix)
+            samples += run_qperf(case.pair, small, timeout, settings.client_prefix, ("tcp_lat",))
         bw = next(s.value for s in samples if s.test == "tcp_bw")
-        lat = next(s.value for s in samples if s.test == "tcp_lat")
+        lat = next(s.value for s in samples if s.test == "tcp_lat" and s.msg_size == FIXED_BYTES)
+        lat1 = next(s.value for s in samples if s.test == "tcp_lat" and s.msg_size == 1)
     except (Exception, StopIteration) as exc:
-        case.errors.append(f"64 KiB repetition {len(case.fixed_raw) + 1}: {short_error(exc)}")
+        case.errors.append(f"repetition {len(case.fixed_raw) + 1}: {short_error(exc)}")
         log(f"  {case.key}: {short_error(exc)[:300]}")
         return
     case.fixed_raw.append(samples)
     case.bw.append(bw)
     case.lat.append(lat)
-    log(f"  {case.key:15} {gbit(bw):>7} Gbit/s  {usec(lat):>6} us")
+    case.lat1.append(lat1)
+    log(f"  {case.key:24} {gbit(bw):>7} Gbit/s  {usec(lat):>6} us  1 B {usec(lat1):>5} us")
 
 
 def measure_sweep(case: Case, settings: Settings) -> None:
     """One message-size sweep: tcp_bw at every size, then tcp_lat at every size."""
-    if case.pair is None:
+    if case.pair is None or not case.spec.sweep:
         return
     n = len(settings.sweep_sizes)
     opts = ["-oo", settings.sweep_spec, "-t", str(settings.sweep_seconds)]
     try:
         timeout = 2 * n * (settings.sweep_seconds + 2) + 60
-        case.sweep = run_qperf(case.pair, opts, timeout, settings.client_prefix)
+        with held(case):
+            case.sweep = run_qperf(case.pair, opts, timeout, settings.client_prefix)
     except Exception as exc:
         case.errors.append(f"sweep: {short_error(exc)}")
         log(f"  {case.key}: sweep failed: {short_error(exc)[:300]}")
@@ -101,7 +126,7 @@ def measure_sweep(case: Case, settings: Settings) -> None:
 
 
 def measure(cases: list[Case], settings: Settings) -> None:
-    """All 64 KiB repetitions round-robin over the cases, then one sweep per case."""
+    """All repetitions round-robin over the cases, then one sweep per case that has one."""
     for rep in range(settings.reps):
         log(f"64 KiB, repetition {rep + 1}/{settings.reps}")
         for case in cases:
@@ -148,6 +173,10 @@ class Run:
     measured_at: float = 0.0
     """``time.monotonic()`` when measuring ended and teardown began."""
     errors: list[str] = field(default_factory=list)
+    profiles: list[Profile] = field(default_factory=list)
+    """perf profiles of some cases (see :mod:`.cpu_profile`)."""
+    profile_note: str = ""
+    """Why there are no profiles, if there are none."""
 
     def by_key(self) -> dict[str, Case]:
         return {case.key: case for case in self.cases}

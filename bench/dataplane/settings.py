@@ -63,7 +63,7 @@ class Settings:
         if args.quick:
             base = cls(reps=1, fixed_seconds=1, sweep_seconds=1, sweep_factor=256, quick=True)
         else:
-            base = cls(reps=3, fixed_seconds=2, sweep_seconds=1, sweep_factor=2, quick=False)
+            base = cls(reps=5, fixed_seconds=2, sweep_seconds=1, sweep_factor=2, quick=False)
         reps = args.reps if args.reps is not None else base.reps
         return cls(
             reps, base.fixed_seconds, base.sweep_seconds, base.sweep_factor, base.quick, args.pin

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench import report
 from bench.dataplane.charts import TESTS, plot
+from bench.dataplane.cpu_profile import CATEGORIES, NETFILTER
 from bench.dataplane.goals import Verdict, evaluate_goals
 from bench.dataplane.inventory import OFFLOADS
 from bench.dataplane.measure import Case, Run
@@ -37,6 +38,7 @@ def results_table(run: Run) -> str:
                 report.format_ratio(report.ratio(bw, base_bw)),
                 report.format_spread(case.lat, usec),
                 report.format_ratio(report.ratio(lat, base_lat)),
+                report.format_spread(case.lat1, usec),
             ]
         )
     header = [
@@ -46,15 +48,81 @@ def results_table(run: Run) -> str:
         "bw / host",
         f"latency {MICRO_S} (one way)",
         "lat / host",
+        f"latency at 1 B {MICRO_S}",
     ]
-    return report.markdown_table(header, rows, align="llrrrr")
+    return report.markdown_table(header, rows, align="llrrrrr")
+
+
+def paired_extra(case: Case, base: Case, values: str) -> str:
+    """Median over repetitions of ``case`` minus ``base`` in the same repetition, in µs."""
+    mine, theirs = getattr(case, values), getattr(base, values)
+    diffs = [a - b for a, b in zip(mine, theirs, strict=False)]
+    return f"{median(diffs) * 1e6:+.2f}" if diffs else report.EN_DASH
+
+
+def breakdown_table(run: Run) -> str:
+    """The hand-built path with one part added per row: its latency at 1 B and 64 KiB, and
+    the extra over the hand-built path (median of the per-repetition differences)."""
+    cases = run.by_key()
+    base = cases["handbuilt"]
+    rows = []
+    for case in [base, *(c for c in run.cases if c.spec.group == "breakdown")]:
+        rows.append(
+            [
+                case.spec.title,
+                report.format_spread(case.lat1, usec),
+                paired_extra(case, base, "lat1") if case is not base else report.EN_DASH,
+                report.format_spread(case.lat, usec),
+                paired_extra(case, base, "lat") if case is not base else report.EN_DASH,
+                report.format_spread(case.bw, gbit),
+                case.spec.path,
+            ]
+        )
+    header = [
+        "path",
+        f"1 B {MICRO_S}",
+        f"extra {MICRO_S}",
+        f"64 KiB {MICRO_S}",
+        f"extra {MICRO_S}",
+        "Gbit/s",
+        "what the part adds",
+    ]
+    return report.markdown_table(header, rows, align="lrrrrrl")
+
+
+def profile_table(run: Run) -> str:
+    """ns per one-way 1 B message in each kernel category, from perf samples."""
+    if not run.profiles:
+        return f"Not profiled: {run.profile_note or 'no profiles'}."
+    names = [name for name, _ in CATEGORIES]
+    titles = run.by_key()
+    rows = []
+    for prof in run.profiles:
+        title = titles[prof.key].spec.title if prof.key in titles else prof.key
+        if prof.error:
+            rows.append([title, report.EN_DASH, *[report.EN_DASH] * (len(names) + 1), prof.error])
+            continue
+        costs = [prof.cost_ns(name) for name in names]
+        netfilter = sum(prof.cost_ns(n) for n in NETFILTER)
+        rows.append(
+            [title, usec(prof.latency), *[f"{c:.0f}" for c in costs], f"{netfilter:.0f}", ""]
+        )
+    header = ["case", f"1 B {MICRO_S}", *names, "netfilter total", "error"]
+    return report.markdown_table(header, rows, align="l" + "r" * (len(names) + 2) + "l")
+
+
+PROFILE_NOTE = """ns per one-way 1 B message, in each kernel category: the category's share of
+the `perf` samples (cpu-clock, 5 kHz, on the CPU both qperf ends are pinned to) times the
+one-way latency of the same run.  *netfilter total* is conntrack, nat hooks, rule
+evaluation, ipsets and hook dispatch.  Everything not listed is the work every path does
+(TCP, veth, routing, scheduling)."""
 
 
 def sweep_table(run: Run, test: str, fmt: Callable[[float], str]) -> str:
     """One row per case at a handful of message sizes (all of them are in the JSON)."""
     shown = [s for s in (1, 16, 256, 4096, FIXED_BYTES) if s in run.settings.sweep_sizes]
     rows = []
-    for case in run.cases:
+    for case in (c for c in run.cases if c.spec.sweep):
         values = case.sweep_values(test)
         cells = [fmt(values[s]) if s in values else report.EN_DASH for s in shown]
         rows.append([case.spec.title, *cells])
@@ -88,15 +156,16 @@ def goals_text(verdicts: list[Verdict]) -> str:
     rows = [
         [v.goal, v.status.upper() if v.status == "missed" else v.status, v.detail] for v in verdicts
     ]
-    return report.markdown_table(["goal", "verdict", "figures (medians at 64 KiB)"], rows, "lll")
+    return report.markdown_table(["goal", "verdict", "figures (medians)"], rows, "lll")
 
 
 def method_text(run: Run) -> str:
     s = run.settings
     mode = "quick (one short iteration per case)" if s.quick else "default"
     return f"""
-- Mode: {mode}.  64 KiB: `qperf -v -m 64K -t {s.fixed_seconds} ADDRESS tcp_bw tcp_lat`,
-  {s.reps} repetition(s), taken round-robin over the cases; figures are the median with
+- Mode: {mode}.  Each repetition: `qperf -v -m 64K -t {s.fixed_seconds} ADDRESS tcp_bw
+  tcp_lat`, then `qperf -v -m 1 -t {s.fixed_seconds} ADDRESS tcp_lat`; {s.reps}
+  repetition(s), taken round-robin over every case in one run; figures are the median with
   [min-max] over the repetitions.  Sweep: `qperf -v -oo {s.sweep_spec} -t {s.sweep_seconds}
   ADDRESS tcp_bw tcp_lat`, once per case.
 - Ratios are to *host to host* measured in the same run (bandwidth: higher is better;
@@ -157,6 +226,8 @@ def write_report(run: Run, out: Path) -> None:
         ("System", system_text(run)),
         ("Results at 64 KiB messages", results_table(run)),
         ("calicnm against its goals", goals_text(verdicts)),
+        ("Breakdown: the hand-built path plus one part", BREAKDOWN_NOTE + breakdown_table(run)),
+        ("Where the CPU goes (perf)", PROFILE_NOTE + "\n\n" + profile_table(run)),
     ]
     if all(charts):
         sections.append(
@@ -175,6 +246,14 @@ def write_report(run: Run, out: Path) -> None:
         sections.append(("Errors", errors_text(run)))
     report.write_markdown(out / "dataplane.md", sections, title="calicnm data-plane benchmark")
     report.write_json(out / "dataplane.json", run_json(run, verdicts))
+
+
+BREAKDOWN_NOTE = """Each row is its own copy of the hand-built path with one part added, measured
+in the same rounds as every other case; *extra* is the median over the repetitions of the
+row minus the hand-built path in the same repetition.  A one-way 1 B message crosses the
+routing namespace once.
+
+"""
 
 
 def _sample_json(sample: Sample) -> dict[str, Any]:
@@ -205,6 +284,7 @@ def case_json(case: Case) -> dict[str, Any]:
             "msg_size": FIXED_BYTES,
             "bw_bytes_per_s": case.bw,
             "lat_s": case.lat,
+            "lat_1b_s": case.lat1,
             "summary": summary,
             "raw": [[_sample_json(s) for s in rep] for rep in case.fixed_raw],
         },
@@ -234,6 +314,11 @@ def run_json(run: Run, verdicts: list[Verdict]) -> dict[str, Any]:
         "interfaces": run.interfaces,
         "cases": [case_json(case) for case in run.cases],
         "goals": [v.__dict__ for v in verdicts],
+        "profiles": [
+            {"key": p.key, "latency_s": p.latency, "shares": p.shares, "error": p.error}
+            for p in run.profiles
+        ],
+        "profile_note": run.profile_note,
         "timing_s": run.timing,
         "errors": run.errors,
     }

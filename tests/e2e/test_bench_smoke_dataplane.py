@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.dataplane.cpu_profile import PROFILED
+from bench.dataplane.parts import PARTS
 from tests.e2e.helpers import run_quick_bench
 
 MODULE = "bench.dataplane"
@@ -23,11 +25,13 @@ CASES = {
     "host",
     "handbuilt",
     "calicnm-same",
+    "calicnm-same-nopolicy",
     "calicnm-routed",
     "calicnm-vxlan",
     "docker-bridge",
     "overlay",
     "macvlan",
+    *(f"part-{part.key}" for part in PARTS),
 }
 TIMEOUT = 600
 
@@ -60,13 +64,30 @@ def test_quick_run_writes_a_report_with_numbers_for_every_case(tmp_path: Path) -
     for key, case in cases.items():
         assert case["errors"] == [], (key, case["errors"])
         fixed = case["fixed"]
-        assert fixed["bw_bytes_per_s"] and fixed["lat_s"], key
+        assert fixed["bw_bytes_per_s"] and fixed["lat_s"] and fixed["lat_1b_s"], key
         assert all(v > 0 for v in fixed["bw_bytes_per_s"] + fixed["lat_s"]), key
+        if key.startswith("part-"):
+            assert case["sweep"] == [], key
+            continue
         for test in ("tcp_bw", "tcp_lat"):
             got = {s["msg_size"] for s in case["sweep"] if s["test"] == test and s["value"] > 0}
             assert got == sizes, (key, test, sorted(got))
 
     markdown = (out / "dataplane.md").read_text()
-    for heading in ("System", "Results at 64 KiB messages", "calicnm against its goals"):
+    for heading in (
+        "System",
+        "Results at 64 KiB messages",
+        "calicnm against its goals",
+        "Breakdown: the hand-built path plus one part",
+        "Where the CPU goes (perf)",
+    ):
         assert f"## {heading}" in markdown
     assert {goal["status"] for goal in data["goals"]} <= {"met", "missed"}
+    # Every profiled case was profiled, and its netfilter categories add up to something.
+    profiles = {p["key"]: p for p in data["profiles"]}
+    if shutil.which("perf") is not None:
+        assert set(profiles) == set(PROFILED), data["profile_note"]
+        for key, prof in profiles.items():
+            assert prof["error"] == "" and prof["latency_s"] > 0, (key, prof)
+        assert profiles["handbuilt"]["shares"]["conntrack"] == 0
+        assert profiles["calicnm-same"]["shares"]["conntrack"] > 0

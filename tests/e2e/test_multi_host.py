@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from calicnm.profiles import RAW_OUTPUT, RAW_PREROUTING
 from lab.cluster import CalicnmHost, Cluster, cluster, wait_until
 from lab.images import DEFAULT_IMAGE as IMG
 from lab.paths import CALICNM
@@ -217,6 +218,14 @@ def test_vxlan_pool_carries_traffic_without_bgp_routes(three: Cluster) -> None:
         assert got.stdout.strip() == "1048576", got.stderr
         log = a.dockerd.docker("logs", "bigA").stderr
         assert "[::ffff:172.30." in log, "the receiver saw a container address, not NAT"
+        # The outer packets were not tracked: both hosts' NOTRACK rules counted them.
+        for host in (a, b):
+            for chain in (RAW_PREROUTING, RAW_OUTPUT):
+                listing = host.netns.run(
+                    ["iptables", "-w", "-t", "raw", "-L", chain, "-n", "-v", "-x"]
+                ).stdout
+                counts = [int(line.split()[0]) for line in listing.splitlines() if "CT" in line]
+                assert counts and counts[0] > 0, (host.hostname, chain, listing)
     finally:
         a.docker("rm", "-f", "bigA", check=False)
         for host in (a, b):

@@ -10,11 +10,20 @@ import subprocess
 import pytest
 
 from calicnm.host.ipsets import Ipsets
-from calicnm.host.iptables import Iptables
+from calicnm.host.iptables import Iptables, detect_backend
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Pool
 from calicnm.policy import Profile, parse_rule_spec
-from calicnm.profiles import LocalEndpoint, compile_policy, profile_chain, tag_ipset
+from calicnm.profiles import (
+    OUTPUT,
+    RAW_OUTPUT,
+    RAW_PREROUTING,
+    HostFacts,
+    LocalEndpoint,
+    compile_policy,
+    profile_chain,
+    tag_ipset,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -57,3 +66,29 @@ def test_full_apply_rewrites_only_what_differs_in_the_kernel(netns):
     restarted = fresh.apply(desired(), full=True)
     assert restarted.sets_written == 0
     assert fresh.apply(desired(), full=True).chains_written == 0
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_vxlan_tunnel_is_untracked_while_a_pool_is_vxlan_and_only_then(netns, backend):
+    """The raw table holds calicnm's NOTRACK of tunnel packets between registered hosts
+    (and the filter table their accepts) while a VXLAN pool exists; a full pass leaves it
+    alone; once no pool is VXLAN, the chains and their jumps are gone."""
+    iptables = Iptables(detect_backend(backend))
+    applier = PolicyApplier(iptables, Ipsets())
+    facts = HostFacts(vxlan=True, peer_hosts=frozenset({"198.18.0.3"}))
+    profiles = {"web": WEB, "db": Profile.default("db")}
+    with_tunnel = compile_policy(profiles, ENDPOINTS, {}, [POOL], facts)
+    applier.apply(with_tunnel, full=True)
+    raw = iptables.save("raw")
+    assert f"-A PREROUTING -j {RAW_PREROUTING}" in raw
+    assert f"-A OUTPUT -j {RAW_OUTPUT}" in raw
+    assert "-j CT --notrack" in raw
+    assert f"-A OUTPUT -j {OUTPUT}" in iptables.save("filter")
+    assert applier.apply(with_tunnel, full=True).chains_written == 0
+    assert applier.jumps_in_place()
+
+    without = compile_policy(profiles, ENDPOINTS, {}, [POOL])
+    applier.apply(without, full=True)
+    assert "calicnm" not in iptables.save("raw")
+    assert OUTPUT not in iptables.save("filter")
+    assert applier.jumps_in_place()

@@ -29,7 +29,10 @@ from calicnm.profiles import (
     FORWARD,
     INPUT,
     LOCAL_IPS,
+    OUTPUT,
     PEER_HOSTS,
+    RAW_OUTPUT,
+    RAW_PREROUTING,
     TUNNEL_SOURCES,
     HostFacts,
     LocalEndpoint,
@@ -333,6 +336,28 @@ def test_encapsulated_pools_admit_tunnel_traffic_only_from_registered_hosts():
         f"-i vxlan.calicnm -m set --match-set {LOCAL_IPS} src -j DROP",
         f"-i vxlan.calicnm -m set ! --match-set {TUNNEL_SOURCES} src -j DROP",
     )
+
+
+def test_tunnel_packets_between_registered_hosts_are_untracked_and_accepted_in_order():
+    facts = HostFacts(vxlan=True, peer_hosts=frozenset({"198.18.0.3"}))
+    dp = compile_policy({"web": Profile.default("web")}, [LOCAL], {}, (), facts)
+    vxlan = f"-p udp --dport 4789 -m set --match-set {PEER_HOSTS}"
+    assert dp.raw_chains == {
+        RAW_PREROUTING: (f"{vxlan} src -j CT --notrack",),
+        RAW_OUTPUT: (f"{vxlan} dst -j CT --notrack",),
+    }
+    assert dp.chains[OUTPUT] == (f"{vxlan} dst -m conntrack --ctstate UNTRACKED -j ACCEPT",)
+    # Anything not from a registered host is dropped before the untracked accept.
+    rules = list(dp.chains[INPUT])
+    drop = rules.index(f"-p udp --dport 4789 -m set ! --match-set {PEER_HOSTS} src -j DROP")
+    accept = rules.index("-p udp --dport 4789 -m conntrack --ctstate UNTRACKED -j ACCEPT")
+    assert drop < accept
+    # The raw table is applied after the filter table's accepts.
+    assert list(dp.tables()) == ["filter", "nat", "raw"]
+    # Without a VXLAN pool there is nothing in the raw table and no OUTPUT chain.
+    plain = compile_policy({"web": Profile.default("web")}, [LOCAL], {}, (), HostFacts())
+    assert plain.raw_chains == {}
+    assert OUTPUT not in plain.chains
 
 
 def test_internal_endpoints_reach_pool_addresses_only():

@@ -42,7 +42,7 @@ def test_one_nat_pool_full_nat_table_and_sets():
         "calicnm-all-pools": "hash:net",
         "calicnm-masq-pools": "hash:net",
     }
-    assert dp.tables() == {"filter": dp.chains, "nat": dp.nat_chains}
+    assert dp.tables() == {"filter": dp.chains, "nat": dp.nat_chains, "raw": {}}
     assert p.TABLE_JUMPS["nat"] == (("POSTROUTING", "calicnm-POSTROUTING"),)
     assert p.TABLE_JUMPS["filter"] == p.JUMPS
 

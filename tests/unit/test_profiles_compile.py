@@ -57,18 +57,18 @@ def test_one_endpoint_full_table():
     assert dp.ipsets == {"calicnm-t-dataman": frozenset({"10.0.0.2", "10.0.0.3"})}
     assert dp.chains == {
         "calicnm-FORWARD": (
-            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
-            "-o cali+ -m conntrack --ctstate INVALID -j DROP",
             "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             "-o cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
+            "-o cali+ -m conntrack --ctstate INVALID -j DROP",
             "-i cali+ -j calicnm-FROM-EP",
             "-o cali+ -j calicnm-TO-EP",
             "-i cali+ -j ACCEPT",
             "-o cali+ -j ACCEPT",
         ),
         "calicnm-INPUT": (
-            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
             "-i cali+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-i cali+ -m conntrack --ctstate INVALID -j DROP",
             "-i cali+ -j calicnm-FROM-EP",
             "-i cali+ -j DROP",
         ),
