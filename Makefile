@@ -13,9 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
+# The same-host fast path's tc program, built from source with Debian's clang.
+BPF_OBJ := calicnm/bpf/fastpath.bpf.o
+$(BPF_OBJ): calicnm/bpf/fastpath.bpf.c
+	clang -O2 -g -Wall -Werror --target=bpf -I/usr/include/$$(uname -m)-linux-gnu -c $< -o $@
+
 deps:
 	sh scripts/install-deps.sh
-	$(MAKE) --no-print-directory $(STAMP)
+	$(MAKE) --no-print-directory $(STAMP) $(BPF_OBJ)
 	ln -sf $(CURDIR)/$(VENV)/bin/calicnm /usr/local/bin/calicnm
 
 # A calicnm node in the foreground, with an embedded etcd unless

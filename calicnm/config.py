@@ -136,6 +136,19 @@ SETTINGS = {
         "rules; the node image's default), nft or legacy",
         "host",
     ),
+    "datapath": Setting(
+        "CALICNM_DATAPATH",
+        "--datapath",
+        "auto (the tc/BPF same-host fast path where it can load, else iptables alone), "
+        "bpf (the fast path, or fail) or iptables (no fast path)",
+        "auto",
+    ),
+    "bpf_dir": Setting(
+        "CALICNM_BPF_DIR",
+        "--bpf-dir",
+        "where the fast path pins its program and maps (on the BPF filesystem)",
+        "/sys/fs/bpf/calicnm",
+    ),
     "driver_name": Setting(
         "CALICNM_DRIVER_NAME",
         "--driver-name",
@@ -151,6 +164,8 @@ SETTINGS = {
     ),
 }
 
+
+DATAPATHS = ("auto", "bpf", "iptables")
 
 FLAGS = ("no_default_pools", "accept_new_datastore", "withdraw_on_exit")
 """Settings given on the command line as a bare flag (meaning "true")."""
@@ -209,6 +224,8 @@ class Config:
     metrics_address: str | None = None
     endpoint_to_host_action: str = "drop"
     iptables_backend: str = "host"
+    datapath: str = "auto"
+    bpf_dir: str = "/sys/fs/bpf/calicnm"
     driver_name: str = "calicnm"
 
     @classmethod
@@ -298,6 +315,16 @@ class Config:
                 f"{', '.join(ENDPOINT_TO_HOST_ACTIONS)}"
             )
         return action
+
+    @property
+    def datapath_mode(self) -> str:
+        """The checked data-path choice (lower case): auto, bpf or iptables."""
+        mode = self.datapath.lower()
+        if mode not in DATAPATHS:
+            raise InvalidRequest(
+                f"data path {self.datapath!r} is not one of {', '.join(DATAPATHS)}"
+            )
+        return mode
 
     @property
     def network_problems_path(self) -> str:

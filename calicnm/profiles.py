@@ -159,6 +159,65 @@ class LocalEndpoint:
     profiles: tuple[str, ...]
     internal: bool = False
     """On an ``--internal`` network: egress only to pool addresses."""
+    mac: str = ""
+    """The container's MAC (the fast path writes it into frames it hands over)."""
+
+
+@dataclass(frozen=True)
+class FastPathEntry:
+    """One address in the same-host fast path: the endpoint's interface and MAC, and its
+    open group (a small number, unique per tag within one compile)."""
+
+    interface: str
+    mac: str
+    group: int
+
+
+def open_tag(profiles: Mapping[str, Profile | None], ep: LocalEndpoint) -> str | None:
+    """The tag ``ep`` is open to, or None.
+
+    An endpoint is open to tag T when its first profile carries T, its first inbound
+    rule is exactly "allow from tag T" and its first outbound rule is exactly "allow".
+    Profiles are tried in order and the first decisive rule wins, so every packet from
+    ``ep`` to anyone is allowed, and every packet from a member of T to ``ep`` is
+    allowed, whatever its protocol, ports or connection state.  Two local endpoints
+    open to the same tag are therefore allowed everything both ways: policy with or
+    without conntrack gives them the same verdict for every packet (only conntrack's
+    own INVALID drop, which is not policy, no longer applies between them).  Endpoints
+    on ``--internal`` networks are never open (their egress is checked against the
+    pools first)."""
+    if not ep.profiles or ep.internal:
+        return None
+    first = profiles.get(ep.profiles[0])
+    if first is None or not first.inbound or not first.outbound:
+        return None
+    inbound, outbound = first.inbound[0], first.outbound[0]
+    if outbound.action != "allow" or outbound.match:
+        return None
+    if inbound.action != "allow" or set(inbound.match) != {"src_tag"}:
+        return None
+    tag = str(inbound.match["src_tag"])
+    return tag if tag in first.tags else None
+
+
+def fast_path_plan(
+    profiles: Mapping[str, Profile | None], endpoints: Iterable[LocalEndpoint]
+) -> dict[str, FastPathEntry]:
+    """address -> entry for every address of every local endpoint open to a tag that
+    another local endpoint is also open to (a group of one has no one to talk to).
+    Group numbers follow the tags' sorted order, so they never collide."""
+    by_tag: dict[str, list[LocalEndpoint]] = {}
+    for ep in endpoints:
+        tag = open_tag(profiles, ep)
+        if tag is not None and ep.mac:
+            by_tag.setdefault(tag, []).append(ep)
+    plan: dict[str, FastPathEntry] = {}
+    groups = [tag for tag in sorted(by_tag) if len(by_tag[tag]) > 1]
+    for number, tag in enumerate(groups, start=1):
+        for ep in by_tag[tag]:
+            for ip in ep.ips:
+                plan[ip] = FastPathEntry(ep.interface, ep.mac, number)
+    return plan
 
 
 ENDPOINT_TO_HOST_ACTIONS = ("drop", "accept", "return")
@@ -205,6 +264,8 @@ class CompiledPolicy:
     nat_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ipset_types: dict[str, str] = field(default_factory=dict)
     raw_chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fast_path: dict[str, FastPathEntry] = field(default_factory=dict)
+    """The same-host fast path's entries (see ``fast_path_plan``)."""
 
     def tables(self) -> dict[str, dict[str, tuple[str, ...]]]:
         """Per table, in the order they are applied: raw last, so the accepts for
@@ -295,12 +356,10 @@ def compile_policy(
                 f"-p udp --dport {VXLAN_PORT} -m conntrack --ctstate UNTRACKED -j ACCEPT",
             ]
             raw_chains[RAW_PREROUTING] = (
-                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} src "
-                "-j CT --notrack",
+                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} src -j CT --notrack",
             )
             raw_chains[RAW_OUTPUT] = (
-                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} dst "
-                "-j CT --notrack",
+                f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} dst -j CT --notrack",
             )
             outputs.append(
                 f"-p udp --dport {VXLAN_PORT} -m set --match-set {PEER_HOSTS} dst "
@@ -379,7 +438,8 @@ def compile_policy(
             f"-m set --match-set {MASQ_POOLS} src -m set ! --match-set {ALL_POOLS} dst "
             "-j MASQUERADE",
         )
-    return CompiledPolicy(chains, ipsets, nat_chains, types, raw_chains)
+    plan = fast_path_plan(profiles, endpoints)
+    return CompiledPolicy(chains, ipsets, nat_chains, types, raw_chains, plan)
 
 
 def _nets(cidrs: Iterable[IPv4Network]) -> frozenset[str]:

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -102,6 +103,7 @@ class CalicnmHost(Managed):
             CALICNM_HOSTNAME=self.hostname,
             CALICNM_SOCKET=str(self.socket),
             CALICNM_STATE_DIR=str(self.state_dir),
+            CALICNM_BPF_DIR=str(self.bpf_dir),
             DOCKER_HOST=f"unix://{self.docker_socket}",
         )
         if self.node_settings == "test":
@@ -174,10 +176,21 @@ class CalicnmHost(Managed):
             raise
         return self
 
+    @property
+    def bpf_dir(self) -> Path:
+        """This node's fast-path pins: the BPF filesystem is one per machine, shared by
+        every emulated host, so each node gets its own directory."""
+        return Path("/sys/fs/bpf") / f"calicnm-{self.netns.name}"
+
+    def remove_bpf_pins(self) -> None:
+        """The node's pinned program and maps (they outlive the node, by design)."""
+        shutil.rmtree(self.bpf_dir, ignore_errors=True)
+
     def close(self, raise_errors: bool = True) -> None:
         cleanup = Cleanup(f"host {self.hostname}")
         cleanup.step("stopping dockerd", self.dockerd.stop)
         cleanup.step("stopping the node", self.stop_node)
+        cleanup.step("removing the fast path's pins", self.remove_bpf_pins)
         cleanup.finish(raise_errors)
 
     _open = start

@@ -195,6 +195,7 @@ class SimHost(CalicnmHost):
             cleanup.step("ending the ipset probe", self._probe.close)
             self._probe = None
         cleanup.step("stopping the node", self.stop_node)
+        cleanup.step("removing the fast path's pins", self.remove_bpf_pins)
         cleanup.finish(raise_errors)
 
     _open = start

@@ -3,7 +3,7 @@
 # Safe to run repeatedly; needs root and access to Debian's package mirrors.
 set -eu
 
-PACKAGES="docker.io docker-compose etcd-server etcd-client iptables ipset iproute2 bird2 busybox-static util-linux procps qperf ethtool openssl debootstrap systemd-container nftables linux-perf"
+PACKAGES="docker.io docker-compose etcd-server etcd-client iptables ipset iproute2 bird2 busybox-static util-linux procps qperf ethtool openssl debootstrap systemd-container nftables linux-perf clang llvm libbpf-dev bpftool"
 
 missing=""
 for pkg in $PACKAGES; do

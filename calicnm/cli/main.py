@@ -195,6 +195,8 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"calicnm agent is healthy: last good pass {ago} ({agent['passes']} passes)")
     else:
         lines.append(f"calicnm agent is NOT healthy: {agent['problem']} (last good pass {ago})")
+    if agent.get("datapath"):
+        lines.append(f"data path: {agent['datapath']}")
     for key, reason in sorted(agent["invalid_records"].items()):
         lines.append(f"INVALID RECORD {key}: {reason}")
     lines += [f"PROBLEM: {problem}" for problem in data.get("problems", [])]
@@ -216,6 +218,7 @@ def agent_data(config: Config, now: float) -> dict[str, Any]:
         "passes": status.passes,
         "last_error": status.last_error,
         "invalid_records": dict(status.invalid),
+        "datapath": status.datapath,
     }
 
 

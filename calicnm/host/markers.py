@@ -134,6 +134,8 @@ class AgentStatus:
     last_error: str | None = None
     passes: int = 0
     invalid: dict[str, str] = field(default_factory=dict)
+    datapath: str = ""
+    """What carries this host's container traffic, in words (see ``Agent.datapath``)."""
 
     def problem(self, now: float, stale_after: float = STALE_SECONDS) -> str | None:
         """None when healthy, else why not, in words an operator can act on."""

@@ -186,6 +186,17 @@ class HostPlumbing:
             names = [link.get("IFLA_IFNAME") for link in ipr.link("dump")]
         return sorted(n for n in names if n and n.startswith(prefixes))
 
+    def link_facts(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """name -> (ifindex, MAC) of every link whose name starts with ``prefix``, in one
+        netlink dump."""
+        out: dict[str, tuple[int, str]] = {}
+        with _netlink() as ipr:
+            for link in ipr.link("dump"):
+                name = link.get("IFLA_IFNAME")
+                if name and name.startswith(prefix):
+                    out[name] = (int(link["index"]), str(link.get("IFLA_ADDRESS") or ""))
+        return out
+
     @staticmethod
     def _delete(ipr: Any, name: str) -> None:
         found = ipr.link_lookup(ifname=name)

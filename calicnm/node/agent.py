@@ -41,9 +41,11 @@ skipped as invalid.  Join and ``calicnm status`` read that file; the node
 restarts the agent thread if it ever ends.
 
 The agent is the only writer of calicnm's chains, ipsets and endpoint
-routes on its host.  After an endpoint's route and chains are in place it
-drops a marker file that the plugin's Join waits for, so a container
-starts with its policy already enforced.
+routes on its host, and of the same-host fast path (``host.fastpath``:
+its map and its tc attachments) when the node runs one.  After an
+endpoint's route and chains are in place it drops a marker file that the
+plugin's Join waits for, so a container starts with its policy already
+enforced.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from calicnm.agent_index import AgentIndex
@@ -62,6 +64,7 @@ from calicnm.model import Network
 from calicnm.profiles import (
     CompileCache,
     CompiledPolicy,
+    FastPathEntry,
     HostFacts,
     LocalEndpoint,
     compile_policy,
@@ -81,6 +84,16 @@ class Routes(Protocol):
     """What the agent needs from ``host.netlink.HostPlumbing``."""
 
     def ensure_routes(self, host_if: str, ips: tuple[str, ...], mac: str) -> bool: ...
+
+
+class FastPathPort(Protocol):
+    """What the agent needs from ``host.fastpath.FastPath``."""
+
+    def withdraw(self, plan: Mapping[str, FastPathEntry]) -> None: ...
+
+    def apply(
+        self, plan: Mapping[str, FastPathEntry], interfaces: Iterable[str], full: bool
+    ) -> int: ...
 
 
 class Applier(Protocol):
@@ -112,9 +125,13 @@ class Agent:
         clock: Callable[[], float] = time.time,
         guard: DatastoreGuard | None = None,
         on_pass: Callable[[float, bool], None] | None = None,
+        fast_path: FastPathPort | None = None,
     ) -> None:
-        """``on_pass(seconds, ok)`` is told of every pass (metrics)."""
+        """``on_pass(seconds, ok)`` is told of every pass (metrics).  ``fast_path``, if
+        given, is kept equal to each pass's plan: its entries are withdrawn before the
+        chains are written and added after (see ``host.fastpath``)."""
         self._store = store
+        self._fast_path = fast_path
         self._on_pass = on_pass or (lambda _seconds, _ok: None)
         self._host = host
         self._applier = dataplane
@@ -191,6 +208,7 @@ class Agent:
                 ips=tuple(str(ip) for ip in e.ipv4),
                 profiles=index.effective(e),
                 internal=_internal(snapshot.networks.get(e.network_id)),
+                mac=e.mac,
             )
             for e in local
         ]
@@ -202,6 +220,8 @@ class Agent:
         desired = compile_policy(
             profiles, compiled, index.members(), snapshot.pools, facts, self._compile_cache
         )
+        if self._fast_path is not None:
+            self._fast_path.withdraw(desired.fast_path)
         self._applier.apply(desired, full=full)
 
         programmed = set()
@@ -215,6 +235,8 @@ class Agent:
                 waiting = True  # the veth is not there (yet)
         self._routed = {k: v for k, v in routed.items() if k in programmed}
         self._markers.sync(programmed)
+        if self._fast_path is not None:
+            self._fast_path.apply(desired.fast_path, [ep.interface for ep in local], full)
         self.passes += 1
         self._decoded, self._decoded_revision = snapshot, self._index_revision
         return waiting
@@ -450,7 +472,14 @@ class Agent:
             last_error=self.last_error,
             passes=self.passes,
             invalid=dict(self._invalid),
+            datapath=self.datapath,
         )
+
+    @property
+    def datapath(self) -> str:
+        if self._fast_path is None:
+            return "iptables"
+        return "iptables, with the tc/BPF same-host fast path"
 
     def _report(self) -> None:
         if self._status is None:

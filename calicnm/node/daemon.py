@@ -50,6 +50,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from calicnm.config import Config
@@ -60,6 +61,7 @@ from calicnm.errors import (
     InvalidRequest,
 )
 from calicnm.faults import NODE_PID_ENV
+from calicnm.host.fastpath import FastPath, unavailable
 from calicnm.host.ipsets import Ipsets
 from calicnm.host.iptables import Iptables, detect_backend
 from calicnm.host.markers import InFlight, Markers, StatusFile
@@ -108,6 +110,27 @@ HOST_RECORD_REFRESH_SECONDS = 10.0
 record may have been removed); it writes only when the record differs."""
 CHILD_POLL_SECONDS = 1.0
 _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "virbr")
+
+
+def choose_fast_path(config: Config) -> FastPath | None:
+    """The same-host fast path the node runs, per ``CALICNM_DATAPATH``: ``bpf`` insists
+    (a missing tool or object is a configuration error), ``auto`` takes it where it can
+    load and says why not otherwise, ``iptables`` removes any program a previous run
+    left attached and pinned."""
+    fast_path = FastPath(HostPlumbing(), Path(config.bpf_dir))
+    mode = config.datapath_mode
+    if mode == "iptables":
+        fast_path.remove()
+        _log.info("data path: iptables (the fast path is off)")
+        return None
+    problem = unavailable()
+    if problem is None:
+        _log.info("data path: iptables policy with the tc/BPF same-host fast path")
+        return fast_path
+    if mode == "bpf":
+        raise InvalidRequest(f"CALICNM_DATAPATH=bpf, but {problem}")
+    _log.warning("data path: iptables alone: %s", problem)
+    return None
 
 
 class AnotherNode(CalicnmError):
@@ -231,6 +254,7 @@ class Node:
         check_hostname(config.hostname, "this host's name (CALICNM_HOSTNAME)")
         # Refuse a bad setting before anything starts.
         _ = (config.endpoint_to_host, config.resync_seconds, config.reconcile_seconds)
+        _ = config.datapath_mode
         _ = config.pending_max_age_seconds
         if config.metrics_address:
             parse_address(config.metrics_address)
@@ -311,6 +335,7 @@ class Node:
             status=StatusFile(config.agent_status_path),
             guard=DatastoreGuard(store, cluster_id, ttl=0.0),
             on_pass=metrics.observe_pass if metrics else None,
+            fast_path=choose_fast_path(config),
         )
         try:
             self._agent.first_pass()

@@ -83,6 +83,8 @@ def host_commands(config: Config) -> dict[str, list[str]]:
             "all",
         ],
         "node-journal.txt": ["journalctl", "-u", "calicnm", "--no-pager", "-n", "5000"],
+        "bpf-attachments.txt": ["bpftool", "net", "show"],
+        "bpf-pins.txt": ["find", config.bpf_dir, "-maxdepth", "2"],
     }
 
 

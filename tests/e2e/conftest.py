@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def _require() -> None:
+def require_e2e() -> None:
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests need root")
     for tool in ("dockerd", "etcd", "iptables"):
@@ -28,7 +28,7 @@ def _require() -> None:
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CalicnmHost]:
     """One emulated host (netns + calicnm node with embedded etcd + dockerd)
     shared by a test module; each test cleans up what it creates."""
-    _require()
+    require_e2e()
     workdir: Path = tmp_path_factory.mktemp("host")
     with single_host(workdir) as h:
         yield h

@@ -390,3 +390,17 @@ def fetch_from(host: CalicnmHost, container: str, ip: str, port: int = 80, secon
         f"http://{ip}:{port}/index.html && cat /tmp/f",
     )
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def fast_path_counts(host: CalicnmHost) -> tuple[int, int] | None:
+    """(packets redirected, packets passed to the stack) by ``host``'s fast path, or
+    None when it has no program pinned."""
+    pins = sorted(host.bpf_dir.glob("*/calicnm_stats")) if host.bpf_dir.exists() else []
+    if not pins:
+        return None
+    out = host.netns.run(["bpftool", "-j", "map", "dump", "pinned", str(pins[0])]).stdout
+    totals = [0, 0]
+    for entry in json.loads(out):
+        index = int(entry["formatted"]["key"])
+        totals[index] = sum(int(v["value"]) for v in entry["formatted"]["values"])
+    return totals[0], totals[1]

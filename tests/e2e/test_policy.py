@@ -14,11 +14,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab.cluster import CalicnmHost, wait_until
+from lab.cluster import CalicnmHost, single_host, wait_until
 from lab.images import DEFAULT_IMAGE as IMG
-from tests.e2e.helpers import assert_nothing_left
+from tests.e2e.conftest import require_e2e
+from tests.e2e.helpers import assert_nothing_left, fast_path_counts
 
 POLL = 5.0
+DATAPATHS = ("bpf", "iptables")
+
+
+@pytest.fixture(scope="module", params=DATAPATHS)
+def host(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CalicnmHost]:
+    """Every test here runs on each data path the node offers: iptables policy with
+    the tc/BPF same-host fast path (``bpf``, which fails to start rather than fall
+    back), and iptables alone."""
+    require_e2e()
+    workdir = tmp_path_factory.mktemp(f"host-{request.param}")
+    with single_host(workdir, extra_env={"CALICNM_DATAPATH": request.param}) as h:
+        yield h
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +188,39 @@ def test_kill_9_keeps_policy_and_restart_converges(host: CalicnmHost, nets) -> N
     assert ruleset() == before, "no duplicate and no missing rule after the restart"
     assert http(host, "peer", nets["web"])
     never(lambda: http(host, "outsider", nets["web"]), "isolation after restart")
+
+
+def test_open_pairs_take_the_fast_path_and_nothing_else_does(host: CalicnmHost, nets) -> None:
+    """With the fast path, web and peer (one network, default profile: open to each
+    other) skip the host's stack, while the denied outsider is never handed across;
+    with iptables alone no program is attached at all."""
+    web = nets["web"]
+    eventually(lambda: http(host, "peer", web), True, "peer reaches web")
+    filters = host.netns.run(["tc", "filter", "show", "dev", host_if(host, "web"), "ingress"])
+    status = host.calicnm("status").stdout
+    if host.extra_env["CALICNM_DATAPATH"] == "iptables":
+        assert "data path: iptables\n" in status, status
+        assert "calicnm_fast" not in filters.stdout
+        assert fast_path_counts(host) is None
+        return
+    assert "data path: iptables, with the tc/BPF same-host fast path" in status, status
+    assert "name calicnm_fast " in filters.stdout
+    before = fast_path_counts(host)
+    assert before is not None
+    assert http(host, "peer", web) and ping(host, "peer", web)
+    after = fast_path_counts(host)
+    assert after is not None and after[0] >= before[0] + 4, (before, after)
+    never(lambda: http(host, "outsider", web), "the outsider is still denied")
+    assert fast_path_counts(host)[0] == after[0], "a denied pair is never handed across"
+
+
+def host_if(host: CalicnmHost, container: str) -> str:
+    """The host side of ``container``'s first calicnm interface."""
+    networks = json.loads(
+        host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container)
+    )
+    endpoint = next(iter(networks.values()))["EndpointID"]
+    return "cali" + endpoint[:11]
 
 
 def test_drift_is_repaired(host: CalicnmHost, nets) -> None:

@@ -57,6 +57,8 @@ def test_the_tarball_holds_every_source(tmp_path):
         *COMMANDS,
         "bird-protocols.txt",
         "node-journal.txt",
+        "bpf-attachments.txt",
+        "bpf-pins.txt",
         "bird.conf",
         "docker-networks.json",
         "hostname.txt",
@@ -73,6 +75,7 @@ def test_the_tarball_holds_every_source(tmp_path):
     assert "dataman" in files[f"{top}/docker-networks.json"]
     assert files[f"{top}/bird-protocols.txt"].startswith("$ birdc -s ")
     assert files[f"{top}/node-journal.txt"].startswith("$ journalctl -u calicnm")
+    assert files[f"{top}/bpf-attachments.txt"].startswith("$ bpftool net show")
     assert not any("PRIVATE KEY MATERIAL" in text for text in files.values())
     assert files[f"{top}/ip-route.txt"].startswith("$ ip -4 route show table all (exit 0)")
     assert "failed to run" in files[f"{top}/iptables-save.txt"]

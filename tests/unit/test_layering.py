@@ -27,6 +27,7 @@ ONLY_IMPORTER = {
     "prometheus_client": {"calicnm.node.metrics"},
     "gunicorn": set(),
     "subprocess": {
+        "calicnm.host.fastpath",
         "calicnm.host.iptables",
         "calicnm.host.ipsets",
         "calicnm.node.children",

@@ -155,3 +155,60 @@ def test_tag_members_follow_profiles_on_every_host():
         profiles, [(("A",), ("10.0.0.1",)), (("B",), ("10.0.0.2",)), ((), ("10.0.0.3",))]
     )
     assert members == {"T": {"10.0.0.1", "10.0.0.2"}, "U": {"10.0.0.2"}}
+
+
+# ---- the same-host fast path's plan --------------------------------------------------
+
+
+def _ep(name: str, ip: str, *profiles: str, internal: bool = False) -> p.LocalEndpoint:
+    return p.LocalEndpoint(
+        name, f"cali{name}", (ip,), profiles, internal, mac=f"ee:00:00:00:00:{ip[-1]}0"
+    )
+
+
+def test_fast_path_takes_only_endpoints_open_to_a_tag_they_share():
+    web, db = Profile.default("web"), Profile.default("db")
+    guarded = Profile(
+        "guarded",
+        ("web",),
+        (Rule("deny", {"protocol": "tcp", "dst_ports": [22]}), Rule("allow", {"src_tag": "web"})),
+        (Rule("allow"),),
+    )
+    one_way = Profile("oneway", ("web",), (Rule("allow", {"src_tag": "web"}),), (Rule("deny"),))
+    profiles = {"web": web, "db": db, "guarded": guarded, "oneway": one_way, "gone": None}
+    eps = [
+        _ep("1", "10.0.0.1", "web"),
+        _ep("2", "10.0.0.2", "web", "db"),  # first profile decides: open to web
+        _ep("3", "10.0.0.3", "db"),  # open to db, but alone in it
+        _ep("4", "10.0.0.4", "guarded"),  # a deny comes first: not open
+        _ep("5", "10.0.0.5", "oneway"),  # may not send: not open
+        _ep("6", "10.0.0.6", "gone"),  # unreadable profile: not open
+        _ep("7", "10.0.0.7", "web", internal=True),  # egress checked against pools first
+        _ep("8", "10.0.0.8", "db", "web"),  # open to db, with 3
+    ]
+    plan = p.fast_path_plan(profiles, eps)
+    assert set(plan) == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.8"}
+    assert plan["10.0.0.1"] == p.FastPathEntry("cali1", "ee:00:00:00:00:10", plan["10.0.0.2"].group)
+    assert plan["10.0.0.3"].group == plan["10.0.0.8"].group != plan["10.0.0.1"].group
+    assert {e.group for e in plan.values()} == {1, 2}, "small numbers, one per tag"
+    # The same plan comes out of the compiler, next to the chains that agree with it.
+    assert p.compile_policy(profiles, eps, {}).fast_path == plan
+
+
+def test_open_means_every_packet_between_the_pair_is_allowed_both_ways():
+    """What makes skipping the host's chains safe for a pair: each end's first
+    profile allows everything out and everything in from the shared tag, which the
+    compiled chains express as their first rules."""
+    web = Profile.default("web")
+    eps = [_ep("1", "10.0.0.1", "web"), _ep("2", "10.0.0.2", "web")]
+    assert all(p.open_tag({"web": web}, ep) == "web" for ep in eps)
+    compiled = p.compile_policy({"web": web}, eps, {"web": frozenset({"10.0.0.1", "10.0.0.2"})})
+    assert compiled.chains[p.profile_chain("web", "outbound")][0] == MARK
+    inbound = compiled.chains[p.profile_chain("web", "inbound")][0]
+    assert inbound == f"-m set --match-set calicnm-t-web src {MARK}"
+    assert compiled.ipsets["calicnm-t-web"] == {"10.0.0.1", "10.0.0.2"}
+    # A rule edited to narrow either direction takes the pair out of the fast path.
+    narrowed = Profile("web", ("web",), web.inbound, (Rule("allow", {"protocol": "tcp"}),))
+    assert p.fast_path_plan({"web": narrowed}, eps) == {}
+    no_tag = Profile("web", (), web.inbound, web.outbound)
+    assert p.fast_path_plan({"web": no_tag}, eps) == {}
