@@ -22,7 +22,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -316,10 +316,18 @@ class Cluster(Managed):
     :class:`~lab.procs.TeardownError` if ``raise_errors``.
     """
 
-    def __init__(self, workdir: Path, n: int, node_settings: NodeSettings = "test") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        n: int,
+        node_settings: NodeSettings = "test",
+        host_env: Sequence[dict[str, str]] = (),
+    ) -> None:
+        """``host_env[i]``, if given, is added to host i+1's node environment."""
         self.workdir = workdir
         self.n = n
         self.node_settings = node_settings
+        self.host_env = list(host_env)
         self.fabric = Fabric()
         self.hosts: list[CalicnmHost] = []
         self.etcd: Process | None = None
@@ -341,6 +349,7 @@ class Cluster(Managed):
                     f"host{i + 1}",
                     etcd_endpoints=self.etcd_url,
                     node_settings=self.node_settings,
+                    extra_env=self.host_env[i] if i < len(self.host_env) else None,
                 )
                 self.hosts.append(host)
                 host.start()

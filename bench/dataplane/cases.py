@@ -120,12 +120,12 @@ def part_builder(part: Part) -> Callable[[Testbed], Pair]:
     return build
 
 
-def same_host_builder(prefix: str) -> Callable[[Testbed], Pair]:
-    """Two containers (``prefix``1 and 2) on host A's dockerd, on a calicnm network in the
-    default pool."""
+def same_host_builder(prefix: str, iptables_alone: bool = False) -> Callable[[Testbed], Pair]:
+    """Two containers (``prefix``1 and 2) on a calicnm network in the default pool, on
+    host A's dockerd (the fast path on), or host C's (``iptables_alone``)."""
 
     def build(bed: Testbed) -> Pair:
-        a, _ = bed.hosts()
+        a = bed.iptables_host() if iptables_alone else bed.hosts()[0]
         bed.calicnm_network(a, "bench")
         client, _ = bed.container(a, f"{prefix}1", "bench")
         server, address = bed.container(a, f"{prefix}2", "bench")
@@ -136,12 +136,12 @@ def same_host_builder(prefix: str) -> Callable[[Testbed], Pair]:
 
 @contextlib.contextmanager
 def policy_off(bed: Testbed) -> Iterator[None]:
-    """While measuring: host A's node paused (SIGSTOP, so its agent cannot put anything
+    """While measuring: host C's node paused (SIGSTOP, so its agent cannot put anything
     back) and calicnm's FORWARD jumps replaced by plain accepts for cali interfaces.
     Connection tracking stays on, as dockerd's nat table keeps it on any Docker host.
     Afterwards the jumps go back to the top and the node resumes; its agent checks its
     jumps twice a second and repairs anything else."""
-    a, _ = bed.hosts()
+    a = bed.iptables_host()
     host = host_place(a)
     jumps = [("FORWARD", FORWARD), ("DOCKER-USER", FORWARD)]
     a.send_node_signal(signal.SIGSTOP)
@@ -309,15 +309,22 @@ SPECS: tuple[Spec, ...] = (
         "calicnm-same",
         "calicnm, same host",
         "calicnm",
-        "container - veth - host A (routing, calicnm + Docker iptables) - veth - container",
+        "container - veth - host A's tc fast path (open pair) - veth - container",
         same_host_builder("same"),
     ),
     Spec(
-        "calicnm-same-nopolicy",
-        "calicnm, same host, policy off",
+        "calicnm-same-iptables",
+        "calicnm, same host, iptables alone",
         "calicnm",
-        "as calicnm, same host, with calicnm's chains unhooked while measuring",
-        same_host_builder("off"),
+        "as calicnm, same host, on a node with CALICNM_DATAPATH=iptables (no fast path)",
+        same_host_builder("ipt", iptables_alone=True),
+    ),
+    Spec(
+        "calicnm-same-nopolicy",
+        "calicnm, same host, iptables alone, policy off",
+        "calicnm",
+        "as iptables alone, with calicnm's chains unhooked while measuring",
+        same_host_builder("off", iptables_alone=True),
         around=policy_off,
     ),
     Spec(

@@ -40,6 +40,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("rp_filter", r"(__)?fib_validate_source"),
     ("bridge", r"br_|nf_bridge"),
     ("VXLAN", r"vxlan_|udp_tunnel|iptunnel_|skb_tunnel"),
+    ("tc/BPF", r"bpf_|tcf_|tc_run|sch_handle_ingress|cls_bpf|skb_do_redirect|___bpf|__bpf"),
 )
 """(category, regular expression on the kernel symbol, matched at its start), first match
 wins; everything else is the path's common work (TCP, veth, routing, scheduling)."""
@@ -59,6 +60,7 @@ PROFILED: tuple[str, ...] = (
     "handbuilt",
     "part-all",
     "calicnm-same",
+    "calicnm-same-iptables",
     "calicnm-same-nopolicy",
     "calicnm-routed",
     "calicnm-vxlan",

@@ -152,6 +152,7 @@ def evaluate_goals(cases: dict[str, Case]) -> list[Verdict]:
     same, routed, vxlan = cases["calicnm-same"], cases["calicnm-routed"], cases["calicnm-vxlan"]
     veth, hand = cases["veth"], cases["handbuilt"]
     bridge, overlay = cases["docker-bridge"], cases["overlay"]
+    ipt = cases["calicnm-same-iptables"]
     return [
         latency_ratio_goal(
             "same-host latency at 1 B <= Docker bridge", same, bridge, 1.0, values="lat1"
@@ -177,4 +178,20 @@ def evaluate_goals(cases: dict[str, Case]) -> list[Verdict]:
         bandwidth_goal("same-host bandwidth >= Docker bridge", same, bridge, 1.0),
         bandwidth_goal("same-host bandwidth >= 0.97x the hand-built path", same, hand, 0.97),
         bandwidth_goal("routed bandwidth >= 0.95x host to host", routed, cases["host"], 0.95),
+        # The same-host goals again for a node without the fast path (CALICNM_DATAPATH=
+        # iptables), so the report shows where each data path stands.
+        latency_ratio_goal(
+            "iptables alone: same-host latency at 1 B <= Docker bridge",
+            ipt,
+            bridge,
+            1.0,
+            values="lat1",
+        ),
+        latency_ratio_goal(
+            "iptables alone: same-host latency at 64 KiB <= Docker bridge", ipt, bridge, 1.0
+        ),
+        latency_ratio_goal(
+            "iptables alone: same-host latency at 64 KiB <= 1.15x a bare veth", ipt, veth, 1.15
+        ),
+        bandwidth_goal("iptables alone: same-host bandwidth >= Docker bridge", ipt, bridge, 1.0),
     ]

@@ -39,12 +39,17 @@ class Testbed:
 
     @property
     def cluster(self) -> Cluster:
-        """Two emulated calicnm hosts, started on first use (once; a failure is sticky)."""
+        """Three emulated calicnm hosts, started on first use (once; a failure is sticky)."""
         if self._cluster_error is not None:
             raise RuntimeError(f"the cluster did not start: {self._cluster_error}")
         if self._cluster is None:
-            log("starting a 2-host cluster (fabric, etcd, 2 x calicnm node + dockerd)")
-            cluster = Cluster(self.workdir / "cluster", 2, node_settings="product")
+            log("starting a 3-host cluster (fabric, etcd, 3 x calicnm node + dockerd)")
+            cluster = Cluster(
+                self.workdir / "cluster",
+                3,
+                node_settings="product",
+                host_env=[{}, {}, {"CALICNM_DATAPATH": "iptables"}],
+            )
             self.stack.callback(cluster.close)
             try:
                 self._cluster = cluster.start()
@@ -59,8 +64,13 @@ class Testbed:
         return self._cluster is not None
 
     def hosts(self) -> tuple[CalicnmHost, CalicnmHost]:
-        a, b = self.cluster.hosts
+        """Hosts A and B, with the product's defaults (the fast path where it loads)."""
+        a, b, _ = self.cluster.hosts
         return a, b
+
+    def iptables_host(self) -> CalicnmHost:
+        """Host C, whose node runs with ``CALICNM_DATAPATH=iptables``."""
+        return self.cluster.hosts[2]
 
     def calicnm_network(self, host: CalicnmHost, name: str, *args: str) -> None:
         """A calicnm network ``name`` on ``host`` (created once)."""

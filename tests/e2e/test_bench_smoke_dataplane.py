@@ -25,6 +25,7 @@ CASES = {
     "host",
     "handbuilt",
     "calicnm-same",
+    "calicnm-same-iptables",
     "calicnm-same-nopolicy",
     "calicnm-routed",
     "calicnm-vxlan",
