@@ -25,8 +25,10 @@ POINTS = (
     "after-veth-removal",
     "before-record-delete",
     "after-release-commit",
+    "after-fast-path-withdraw",
 )
-"""Every named point, in the order a container's life reaches them."""
+"""Every named point: a container's life in the order it reaches them, then the
+agent's (a pass that took pairs out of the fast path, before it writes the chains)."""
 
 FAULT_ENV = "CALICNM_FAULT"
 NODE_PID_ENV = "CALICNM_NODE_PID"

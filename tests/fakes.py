@@ -23,8 +23,9 @@ import ipaddress
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from calicnm.endpoint import LinkPlan
 from calicnm.errors import DataplaneError, DatastoreUnavailable, LeaseLost
@@ -1080,3 +1081,27 @@ class FakeBird:
 
     def stop(self) -> None:
         self.running = False
+
+
+class FakeFastPath:
+    """The same-host fast path's map, as ``host.fastpath.FastPath`` keeps it: address ->
+    entry.  Each call records the ``FakeIptables.commits`` count it saw, so a test can
+    tell which side of the chains' transaction it ran on."""
+
+    def __init__(self, iptables: FakeIptables) -> None:
+        self.iptables = iptables
+        self.map: dict[str, Any] = {}
+        self.calls: list[tuple[str, int, dict[str, Any]]] = []
+
+    def withdraw(self, plan: Mapping[str, Any]) -> int:
+        kept = {a: e for a, e in self.map.items() if plan.get(a) == e}
+        removed = len(self.map) - len(kept)
+        self.map = kept
+        self.calls.append(("withdraw", self.iptables.commits, dict(self.map)))
+        return removed
+
+    def apply(self, plan: Mapping[str, Any], full: bool) -> int:
+        written = sum(1 for a, e in plan.items() if self.map.get(a) != e)
+        self.map = dict(plan)
+        self.calls.append(("apply", self.iptables.commits, dict(self.map)))
+        return written

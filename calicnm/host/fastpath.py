@@ -10,13 +10,13 @@ What is pinned, under ``pin_dir`` (a directory on the BPF filesystem, one per no
 
 A restarted node with the same object reuses what is pinned, map included, so nothing
 the kernel does changes while the node is down.  A node started with another object
-loads it beside the old one; its first full apply attaches the new program to every
-interface, and only then are the old pins removed.
+loads it beside the old one; a full apply attaches the program to every interface and
+only then removes any other object's pins.
 
 Invariants: the map holds an address only while the last plan (``profiles.
-fast_path_plan``) did, with that plan's interface, MAC and group; every local
-endpoint's interface carries the program at ingress (with an empty plan the program
-passes everything to the stack, where iptables decides).  Order within a pass: the
+fast_path_plan``) did, with that plan's interface, MAC and group; every ``cali``
+interface carries the program at ingress (with an empty plan the program passes
+everything to the stack, where iptables decides).  Order within a pass: the
 agent calls :meth:`FastPath.withdraw` before it writes the iptables chains, which only
 deletes or corrects entries, and :meth:`FastPath.apply` after, which adds; so a pair
 that stops being open leaves the fast path before the chains that now deny it are
@@ -104,6 +104,9 @@ def _mac_text(octets: Iterable[Any]) -> str:
 
 
 class FastPath:
+    """The fast path of one node: its pins under ``pin_dir``, the map as last written
+    and the interfaces the program was attached to (both forgotten on any failure)."""
+
     def __init__(
         self,
         links: Links,
@@ -116,7 +119,6 @@ class FastPath:
         self._obj = obj
         self._timeout = timeout
         self._dir: Path | None = None
-        self._fresh = False
         self._written: dict[str, MapValue] | None = None
         self._attached: dict[str, int] = {}
         """interface -> ifindex the program was attached to (an interface recreated
@@ -156,6 +158,9 @@ class FastPath:
         digest = hashlib.sha256(self._obj.read_bytes()).hexdigest()[:16]
         where = self._root / digest
         if not (where / PROGRAM).exists():
+            # Maps pinned by a load that failed before its program was: nothing uses
+            # them, and bpftool would refuse to pin over them.
+            shutil.rmtree(where, ignore_errors=True)
             where.mkdir(parents=True, exist_ok=True)
             self._run(
                 [
@@ -163,7 +168,6 @@ class FastPath:
                     "type", "classifier", "pinmaps", str(where),
                 ]
             )  # fmt: skip
-            self._fresh = True
             _log.info("fast path: loaded %s at %s", self._obj.name, where)
         self._dir = where
         self._written = None
@@ -220,9 +224,9 @@ class FastPath:
 
     # ---- the agent's two calls ----
 
-    def withdraw(self, plan: Mapping[str, FastPathEntry]) -> None:
+    def withdraw(self, plan: Mapping[str, FastPathEntry]) -> int:
         """Before the chains are written: delete every entry the plan no longer has,
-        and every entry whose group or interface changed."""
+        and every entry whose group or interface changed.  Returns how many."""
         try:
             where = self._ensure_loaded()
             current = self._written if self._written is not None else self._read_map(where)
@@ -230,17 +234,17 @@ class FastPath:
             stale = [a for a, v in current.items() if desired.get(a) != v]
             self._write(where, {}, stale)
             self._written = {a: v for a, v in current.items() if a not in stale}
+            return len(stale)
         except Exception:
             self._written = None
             raise
 
-    def apply(
-        self, plan: Mapping[str, FastPathEntry], interfaces: Iterable[str], full: bool
-    ) -> int:
+    def apply(self, plan: Mapping[str, FastPathEntry], full: bool) -> int:
         """After the chains are written: add what the plan has, and attach the program
-        to every local endpoint interface in ``interfaces``.  A full apply reads the
-        kernel's map and attachments instead of trusting memory.  Returns the number of
-        entries written."""
+        to every ``cali`` interface (one whose address is in no entry is passed to the
+        stack whole; attaching all of them also replaces an older program everywhere).
+        A full apply reads the kernel's map and attachments instead of trusting memory.
+        Returns the number of entries written."""
         try:
             where = self._ensure_loaded()
             current = self._read_map(where) if full or self._written is None else self._written
@@ -249,22 +253,21 @@ class FastPath:
             stale = [a for a in current if a not in desired]
             self._write(where, updates, stale)
             self._written = desired
-            self._attach(where, set(interfaces), full)
-            if full and self._fresh:
+            self._attach(where, full)
+            if full:
                 self._remove_others(where)
-                self._fresh = False
             return len(updates) + len(stale)
         except Exception:
             self._written = None
             self._attached = {}
             raise
 
-    def _attach(self, where: Path, interfaces: set[str], full: bool) -> None:
+    def _attach(self, where: Path, full: bool) -> None:
         facts = self._links.link_facts(IFACE_PREFIX)
         if full:
             self._attached = self._attachments(where, facts)
-        for name in sorted(interfaces):
-            if name not in facts or self._attached.get(name) == facts[name][0]:
+        for name in sorted(facts):
+            if self._attached.get(name) == facts[name][0]:
                 continue
             self._run(["tc", "qdisc", "replace", "dev", name, "clsact"])
             self._run(
@@ -315,17 +318,29 @@ class FastPath:
         return totals[0], totals[1]
 
     def remove(self) -> None:
-        """Detach the program from every cali interface and unpin everything (when the
-        node runs without the fast path).  Idempotent."""
-        if self._root.exists():
-            for name in self._links.link_facts(IFACE_PREFIX):
-                subprocess.run(
-                    ["tc", "filter", "del", "dev", name, "ingress", *FILTER, "bpf"],
-                    capture_output=True,
-                    timeout=self._timeout,
-                    check=False,
-                )
-            shutil.rmtree(self._root, ignore_errors=True)
+        """Detach any calicnm program from every cali interface and unpin everything,
+        for a node that runs without the fast path.  It detaches whether or not its own
+        pins are visible (a node in a container does not see the host's), since a
+        program nobody keeps equal to policy must not stay attached.  Idempotent."""
+        names = sorted(self._links.link_facts(IFACE_PREFIX))
+        if names and shutil.which("tc") is None:
+            _log.warning("fast path: tc is not installed; cannot check cali interfaces")
+        elif names:
+            lines = [f"filter del dev {n} ingress {' '.join(FILTER)} bpf" for n in names]
+            with tempfile.NamedTemporaryFile("w", prefix="calicnm-tc-", suffix=".batch") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                # -force: go on past interfaces that carry no filter (those lines fail).
+                try:
+                    subprocess.run(
+                        ["tc", "-force", "-batch", f.name],
+                        capture_output=True,
+                        timeout=self._timeout,
+                        check=False,
+                    )
+                except (OSError, subprocess.SubprocessError) as exc:
+                    raise DataplaneError(f"fast path: cannot detach programs: {exc}") from exc
+        shutil.rmtree(self._root, ignore_errors=True)
         self._dir = None
         self._written = None
         self._attached = {}

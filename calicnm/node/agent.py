@@ -54,9 +54,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
+from calicnm import faults
 from calicnm.agent_index import AgentIndex
 from calicnm.errors import CalicnmError, DatastoreUnavailable
 from calicnm.host.markers import AgentStatus, Markers, StatusFile
@@ -89,11 +90,9 @@ class Routes(Protocol):
 class FastPathPort(Protocol):
     """What the agent needs from ``host.fastpath.FastPath``."""
 
-    def withdraw(self, plan: Mapping[str, FastPathEntry]) -> None: ...
+    def withdraw(self, plan: Mapping[str, FastPathEntry]) -> int: ...
 
-    def apply(
-        self, plan: Mapping[str, FastPathEntry], interfaces: Iterable[str], full: bool
-    ) -> int: ...
+    def apply(self, plan: Mapping[str, FastPathEntry], full: bool) -> int: ...
 
 
 class Applier(Protocol):
@@ -220,8 +219,8 @@ class Agent:
         desired = compile_policy(
             profiles, compiled, index.members(), snapshot.pools, facts, self._compile_cache
         )
-        if self._fast_path is not None:
-            self._fast_path.withdraw(desired.fast_path)
+        if self._fast_path is not None and self._fast_path.withdraw(desired.fast_path):
+            faults.point("after-fast-path-withdraw")
         self._applier.apply(desired, full=full)
 
         programmed = set()
@@ -236,7 +235,7 @@ class Agent:
         self._routed = {k: v for k, v in routed.items() if k in programmed}
         self._markers.sync(programmed)
         if self._fast_path is not None:
-            self._fast_path.apply(desired.fast_path, [ep.interface for ep in local], full)
+            self._fast_path.apply(desired.fast_path, full)
         self.passes += 1
         self._decoded, self._decoded_revision = snapshot, self._index_revision
         return waiting

@@ -115,21 +115,24 @@ _SKIP_IFACES = ("lo", "docker", "cali", "tmp", "veth", "br-", "vxlan", "tunl", "
 def choose_fast_path(config: Config) -> FastPath | None:
     """The same-host fast path the node runs, per ``CALICNM_DATAPATH``: ``bpf`` insists
     (a missing tool or object is a configuration error), ``auto`` takes it where it can
-    load and says why not otherwise, ``iptables`` removes any program a previous run
-    left attached and pinned."""
+    load and says why not otherwise.  Whenever the node runs without it, any program a
+    previous run left attached and pinned is removed first."""
     fast_path = FastPath(HostPlumbing(), Path(config.bpf_dir))
     mode = config.datapath_mode
-    if mode == "iptables":
-        fast_path.remove()
-        _log.info("data path: iptables (the fast path is off)")
-        return None
-    problem = unavailable()
+    problem = "CALICNM_DATAPATH=iptables" if mode == "iptables" else unavailable()
     if problem is None:
         _log.info("data path: iptables policy with the tc/BPF same-host fast path")
         return fast_path
     if mode == "bpf":
         raise InvalidRequest(f"CALICNM_DATAPATH=bpf, but {problem}")
-    _log.warning("data path: iptables alone: %s", problem)
+    # A program a previous run left attached would go on handing pairs across with
+    # nobody keeping its map equal to policy: it goes.
+    fast_path.remove()
+    _log.log(
+        logging.INFO if mode == "iptables" else logging.WARNING,
+        "data path: iptables alone (%s)",
+        problem,
+    )
     return None
 
 

@@ -86,17 +86,16 @@ def plan_of(ends: list[tuple[Netns, str, str, str]], group: int = 1) -> dict[str
 
 def test_open_pairs_go_straight_across_and_nothing_else_does(netns, ends, pins):
     (a, a_if, _, a_ip), (b, b_if, _, b_ip) = ends
-    interfaces = [a_if, b_if]
     fast = FastPath(HostPlumbing(), pins)
     # With an empty plan the program is attached but passes everything to the
     # stack, where FORWARD's DROP decides.
-    fast.apply({}, interfaces, full=True)
+    fast.apply({}, full=True)
     assert "name calicnm_fast " in sh("tc", "filter", "show", "dev", a_if, "ingress").stdout
     assert not ping(a, b_ip)
 
     plan = plan_of(ends)
     fast.withdraw(plan)
-    assert fast.apply(plan, interfaces, full=False) == 2
+    assert fast.apply(plan, full=False) == 2
     assert ping(a, b_ip) and ping(b, a_ip)
     redirected, _passed = fast.stats()
     assert redirected >= 8, "echo requests and replies both ways went straight across"
@@ -107,33 +106,33 @@ def test_open_pairs_go_straight_across_and_nothing_else_does(netns, ends, pins):
     # Different groups: not open to each other, so back to iptables (and its DROP).
     split = {b_ip: FastPathEntry(b_if, plan[b_ip].mac, 2), a_ip: plan[a_ip]}
     fast.withdraw(split)
-    fast.apply(split, interfaces, full=False)
+    fast.apply(split, full=False)
     assert not ping(a, b_ip)
 
     # An address claimed by the wrong interface is never trusted as a source.
     liar = {a_ip: FastPathEntry(b_if, plan[a_ip].mac, 1), b_ip: plan[b_ip]}
     fast.withdraw(liar)
-    fast.apply(liar, interfaces, full=True)
+    fast.apply(liar, full=True)
     before = fast.stats()[0]
     assert not ping(a, b_ip)
     assert fast.stats()[0] == before
 
 
 def test_a_restart_reuses_the_pins_and_a_full_apply_repairs_the_kernel(netns, ends, pins):
-    (a, a_if, _, _), (_b, b_if, _, b_ip) = ends
+    (a, a_if, _, _), (_b, _, _, b_ip) = ends
     plan = plan_of(ends)
     first = FastPath(HostPlumbing(), pins)
-    first.apply(plan, [a_if, b_if], full=True)
+    first.apply(plan, full=True)
     programs = sorted(p.name for p in pins.iterdir())
 
     again = FastPath(HostPlumbing(), pins)  # a restarted node, same object
-    assert again.apply(plan, [a_if, b_if], full=True) == 0, "map kept, nothing to write"
+    assert again.apply(plan, full=True) == 0, "map kept, nothing to write"
     assert sorted(p.name for p in pins.iterdir()) == programs
     assert ping(a, b_ip)
 
     # Drift: an outside tc command removes the filter; a full apply puts it back.
     sh("tc", "filter", "del", "dev", a_if, "ingress")
-    again.apply(plan, [a_if, b_if], full=True)
+    again.apply(plan, full=True)
     assert "name calicnm_fast " in sh("tc", "filter", "show", "dev", a_if, "ingress").stdout
 
     again.remove()

@@ -17,11 +17,11 @@ from calicnm.host.markers import Markers
 from calicnm.host.policy_applier import PolicyApplier
 from calicnm.model import Endpoint, Network
 from calicnm.node.agent import Agent
-from calicnm.policy import Profile
+from calicnm.policy import Profile, Rule
 from calicnm.profiles import FROM_EP, endpoint_chain, profile_chain, tag_ipset
 from calicnm.store import keys
 from calicnm.store.records import Snapshot
-from tests.fakes import FakeIpsets, FakeIptables, FakeRoutes, MemoryStore
+from tests.fakes import FakeFastPath, FakeIpsets, FakeIptables, FakeRoutes, MemoryStore
 
 NET = "a" * 64
 EP1 = "1" * 64
@@ -401,3 +401,46 @@ def test_a_wiped_datastore_seen_through_the_stream_leaves_the_kernel_alone(rig):
     with pytest.raises(ForeignDatastore):
         rig.agent.reconcile()
     assert rig.kernel() == before
+
+
+def test_the_fast_path_follows_policy_leaving_before_a_deny_and_joining_after_an_allow(rig):
+    fast = FakeFastPath(rig.iptables)
+    rig.agent = Agent(
+        rig.store,
+        "h1",
+        PolicyApplier(rig.iptables, rig.ipsets),
+        rig.routes,
+        Markers(rig.marker_dir),
+        fast_path=fast,
+    )
+    one, two = rig.add(EP1, "10.0.0.1"), rig.add(EP2, "10.0.0.2")
+    rig.agent.reconcile()
+    # Both on dataman's default profile: open to each other; the entries came after
+    # the chains that allow them.
+    assert set(fast.map) == {"10.0.0.1", "10.0.0.2"}
+    assert fast.map["10.0.0.1"].interface == one.interface
+    assert fast.map["10.0.0.2"].mac == two.mac
+    kind, commits, _ = fast.calls[-1]
+    assert kind == "apply" and commits == rig.iptables.commits
+
+    # A deny put first: the pair leaves the fast path before the chains that deny it
+    # are written (the withdraw saw the old commit count, and an empty map after it).
+    narrowed = Profile.default("dataman")
+    narrowed = Profile(
+        "dataman",
+        narrowed.tags,
+        (Rule("deny", {"protocol": "tcp", "dst_ports": [22]}), *narrowed.inbound),
+        narrowed.outbound,
+    )
+    before = rig.iptables.commits
+    rig.store.put(keys.profile("dataman"), narrowed.to_json())
+    rig.agent.reconcile()
+    withdraw = next(c for c in reversed(fast.calls) if c[0] == "withdraw")
+    assert withdraw[1] == before and withdraw[2] == {}
+    assert rig.iptables.commits > before and fast.map == {}
+
+    # Back to the defaults: they join again, after the chains.
+    rig.store.put(keys.profile("dataman"), Profile.default("dataman").to_json())
+    rig.agent.reconcile()
+    assert set(fast.map) == {"10.0.0.1", "10.0.0.2"}
+    assert rig.agent.status().datapath == "iptables, with the tc/BPF same-host fast path"
