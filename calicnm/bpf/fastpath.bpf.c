@@ -80,13 +80,14 @@ int calicnm_fast(struct __sk_buff *skb)
 		return pass();
 	saddr = ip->saddr;
 	daddr = ip->daddr;
+	/* The destination first: traffic to other hosts costs one lookup. */
+	dst = bpf_map_lookup_elem(&calicnm_eps, &daddr);
+	if (!dst || dst->group == 0 || dst->ifindex == skb->ifindex)
+		return pass();
 	src = bpf_map_lookup_elem(&calicnm_eps, &saddr);
-	if (!src || src->group == 0 || src->ifindex != skb->ifindex)
+	if (!src || src->group != dst->group || src->ifindex != skb->ifindex)
 		return pass();
 	if (!same_mac(eth->h_dest, src->host_mac))
-		return pass();
-	dst = bpf_map_lookup_elem(&calicnm_eps, &daddr);
-	if (!dst || dst->group != src->group || dst->ifindex == skb->ifindex)
 		return pass();
 
 	/* A routed hop: TTL down by one, the header checksum fixed incrementally. */
