@@ -25,10 +25,13 @@ POINTS = (
     "after-veth-removal",
     "before-record-delete",
     "after-release-commit",
-    "after-fast-path-withdraw",
 )
-"""Every named point: a container's life in the order it reaches them, then the
-agent's (a pass that took pairs out of the fast path, before it writes the chains)."""
+"""The named points of a container's life (the plugin's calls), in the order it
+reaches them."""
+
+AGENT_POINTS = ("after-fast-path-withdraw",)
+"""The agent's named points: a pass that took pairs out of the same-host fast path,
+before it writes the chains."""
 
 FAULT_ENV = "CALICNM_FAULT"
 NODE_PID_ENV = "CALICNM_NODE_PID"

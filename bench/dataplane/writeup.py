@@ -112,10 +112,10 @@ def profile_table(run: Run) -> str:
 
 
 PROFILE_NOTE = """ns per one-way 1 B message, in each kernel category: the category's share of
-the `perf` samples (cpu-clock, 5 kHz, on the CPU both qperf ends are pinned to) times the
-one-way latency of the same run.  *netfilter total* is conntrack, nat hooks, rule
-evaluation, ipsets and hook dispatch.  Everything not listed is the work every path does
-(TCP, veth, routing, scheduling)."""
+the `perf` samples (cpu-clock, 5 kHz, on the CPU both qperf ends are pinned to, so
+whatever else runs there is sampled too) times the one-way latency of the same run.
+*netfilter total* is conntrack, nat hooks, rule evaluation, ipsets and hook dispatch.
+Everything not listed is the work every path does (TCP, veth, routing, scheduling)."""
 
 
 def sweep_table(run: Run, test: str, fmt: Callable[[float], str]) -> str:
