@@ -157,17 +157,21 @@ def test_tag_membership_follows_endpoint_profiles(host: CalicnmHost, nets) -> No
 
 
 def test_spoofed_source_addresses_are_dropped(host: CalicnmHost, nets) -> None:
+    # The spoofed ping's ARP for the gateway carries the borrowed address too, and
+    # is ignored by the host's reverse-path check; the honest ping then waits for
+    # the neighbour entry to recover, so it gets a few tries.
     script = (
         f"ip addr add {nets['peer']}/32 dev eth0 && "
         f"ping -c 1 -W 1 -I {nets['peer']} {nets['web']}; "
-        f"ping -c 1 -W 1 {nets['web']}"
+        f"ping -c 3 -W 2 {nets['web']}"
     )
     out = host.docker_run(
         "run", "--rm", "--cap-add", "NET_ADMIN", "--net", "dataman", IMG, "sh", "-c", script
     )
     results = [line for line in out.stdout.splitlines() if "packets received" in line]
     assert results[0].startswith("1 packets transmitted, 0 packets received"), out.stdout
-    assert results[1].startswith("1 packets transmitted, 1 packets received"), out.stdout
+    assert results[1].startswith("3 packets transmitted, "), out.stdout
+    assert not results[1].startswith("3 packets transmitted, 0 packets received"), out.stdout
 
 
 def test_kill_9_keeps_policy_and_restart_converges(host: CalicnmHost, nets) -> None:
